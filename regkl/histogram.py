@@ -1,0 +1,133 @@
+"""Checked wrappers around the joint-histogram kernels.
+
+A :class:`Samples` holds the fixed-image sample points of one pyramid level; :func:`evaluate`
+returns a metric and its gradient with respect to the fixed-to-moving matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels
+from .errors import KernelInputError
+from .volume import Volume
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Fixed-image sample points of one level.
+
+    Attributes
+    ----------
+    points : float64 (N, 3)
+        Fixed world positions (RAS+ mm).
+    values : float32 (N,)
+        Fixed intensities at the points.
+    bins : int32 (N,)
+        Fixed histogram bin of each point.
+    n_bins : int
+    """
+
+    points: np.ndarray
+    values: np.ndarray
+    bins: np.ndarray
+    n_bins: int
+
+
+@dataclass(frozen=True)
+class MovingLevel:
+    """Moving image of one level and the mapping of its intensities to continuous bins."""
+
+    volume: Volume
+    lo: float
+    scale: float
+    n_bins: int
+
+
+def robust_range(values: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5):
+    """Percentile-clipped intensity range (lo, hi) of finite values; hi > lo guaranteed or error."""
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        raise KernelInputError("no finite intensities")
+    lo, hi = np.percentile(v, [lo_pct, hi_pct])
+    if not hi > lo:
+        lo, hi = float(v.min()), float(v.max())
+    if not hi > lo:
+        raise KernelInputError(f"image is constant (every value is {lo:g})")
+    return float(lo), float(hi)
+
+
+def fixed_bins(values: np.ndarray, lo: float, hi: float, n_bins: int) -> np.ndarray:
+    """Box-kernel bin index (int32) of fixed intensities in ``n_bins`` bins over [lo, hi]."""
+    idx = np.floor((values - lo) / (hi - lo) * n_bins)
+    return np.clip(idx, 0, n_bins - 1).astype(np.int32)
+
+
+def make_samples(points: np.ndarray, values: np.ndarray, n_bins: int, value_range=None) -> Samples:
+    """Bin fixed intensities and package sample points (checks shapes and finiteness)."""
+    points = np.ascontiguousarray(points, dtype=np.float64)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if points.ndim != 2 or points.shape[1] != 3 or values.shape != (points.shape[0],):
+        raise KernelInputError(f"points must be (N, 3) and values (N,), got {points.shape}, {values.shape}")
+    if n_bins < 4:
+        raise KernelInputError(f"need at least 4 bins, got {n_bins}")
+    if not np.all(np.isfinite(points)) or not np.all(np.isfinite(values)):
+        raise KernelInputError("sample points or values are not finite")
+    lo, hi = robust_range(values) if value_range is None else value_range
+    return Samples(points, values, fixed_bins(values, lo, hi, n_bins), int(n_bins))
+
+
+def make_moving_level(volume: Volume, n_bins: int, value_range=None) -> MovingLevel:
+    """Map moving intensities [lo, hi] to continuous bins [2, n_bins - 3] (cubic-kernel padding)."""
+    if n_bins < 8:
+        raise KernelInputError(f"need at least 8 moving bins, got {n_bins}")
+    if min(volume.shape) < 2:
+        raise KernelInputError(f"moving image needs at least 2 voxels along each axis, got {volume.shape}",
+                               path=volume.name)
+    lo, hi = robust_range(volume.data) if value_range is None else value_range
+    return MovingLevel(volume, lo, (n_bins - 5) / (hi - lo), int(n_bins))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Histogram state at one transform."""
+
+    hist: np.ndarray        # (F, M) counts
+    mov_c: np.ndarray       # (N,) continuous moving bins, NaN outside
+    mov_g: np.ndarray       # (N, 3) d bin / d moving voxel index
+    n_valid: int
+
+
+def joint_histogram(samples: Samples, moving: MovingLevel, fixed2moving: np.ndarray) -> Evaluation:
+    """Parzen joint histogram of the samples against the moving image under ``fixed2moving``.
+
+    Parameters
+    ----------
+    samples : Samples
+    moving : MovingLevel
+    fixed2moving : ndarray (4, 4)
+        Fixed RAS mm to moving RAS mm.
+    """
+    m = np.asarray(fixed2moving, dtype=np.float64)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise KernelInputError(f"fixed2moving must be a finite 4x4 matrix, got shape {m.shape}")
+    vox_mat = np.ascontiguousarray((moving.volume.ras2vox @ m)[:3])
+    n = samples.points.shape[0]
+    mov_c = np.empty(n)
+    mov_g = np.empty((n, 3))
+    hist = kernels.joint_histogram(samples.bins, samples.points, moving.volume.data, vox_mat,
+                                   moving.lo, moving.scale, moving.n_bins, samples.n_bins, mov_c, mov_g)
+    return Evaluation(hist, mov_c, mov_g, int(np.count_nonzero(~np.isnan(mov_c))))
+
+
+def matrix_gradient(samples: Samples, moving: MovingLevel, evaluation: Evaluation,
+                    dtable: np.ndarray) -> np.ndarray:
+    """Gradient (3, 4) of a metric with respect to the fixed-to-moving matrix entries."""
+    dtable = np.ascontiguousarray(dtable, dtype=np.float64)
+    if dtable.shape != evaluation.hist.shape:
+        raise KernelInputError(f"dtable shape {dtable.shape} != histogram shape {evaluation.hist.shape}")
+    vox_lin = np.ascontiguousarray(moving.volume.ras2vox[:3, :3])
+    return kernels.matrix_gradient(samples.bins, samples.points, evaluation.mov_c, evaluation.mov_g,
+                                   dtable, vox_lin)

@@ -1,0 +1,254 @@
+"""Images in and out: NIfTI through nibabel, every other format through SimpleITK.
+
+Everything that comes in is converted to a :class:`~regkl.volume.Volume` (RAS+); everything that
+goes out is written atomically (temporary file in the same folder, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, OutputError
+from .volume import Volume, check_vox2ras
+
+#: LPS <-> RAS flip (its own inverse).
+LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _is_nifti(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(NIFTI_SUFFIXES) or name.endswith((".hdr", ".img", ".img.gz", ".hdr.gz"))
+
+
+def _reduce_4d(data: np.ndarray, how, path: str):
+    """Reduce a 4D array (I, J, K, T) to 3D; returns (data, note)."""
+    n = data.shape[3]
+    if isinstance(how, str) and how.isdigit():
+        how = int(how)
+    if isinstance(how, (int, np.integer)):
+        if not -n <= how < n:
+            raise InputError(f"volume {how} requested but the series has {n} volumes (0..{n - 1})", path=path)
+        return data[..., how], f"volume {int(how) % n} of {n}"
+    if how == "mean":
+        return np.mean(data, axis=3, dtype=np.float64), f"mean of {n} volumes"
+    if how == "median":
+        return np.median(data, axis=3), f"median of {n} volumes"
+    raise InputError(f"--moving-volume must be mean, median or a volume index, got {how!r}", path=path)
+
+
+def _finish(data: np.ndarray, vox2ras: np.ndarray, path: str, volume, header=None) -> Volume:
+    """Squeeze trailing singleton axes, reduce 4D, clean non-finite values, build the Volume."""
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    note = ""
+    if data.ndim == 4:
+        data, note = _reduce_4d(data, volume, path)
+    if data.ndim == 5:
+        raise InputError(f"5D images are not supported (shape {data.shape})", path=path)
+    if data.ndim != 3:
+        raise InputError(f"expected a 3D or 4D image, got {data.ndim}D with shape {data.shape}", path=path)
+    if min(data.shape) < 2:
+        raise InputError(f"image is too small to register (shape {data.shape}); a 3D volume needs at "
+                         "least 2 voxels along each axis", path=path)
+    data = np.asarray(data, dtype=np.float32)
+    finite = np.isfinite(data)
+    if not finite.all():
+        n_bad = int(data.size - np.count_nonzero(finite))
+        if n_bad == data.size:
+            raise InputError("every voxel is NaN or infinite", path=path)
+        if n_bad > data.size // 2:
+            raise InputError(f"{n_bad} of {data.size} voxels are NaN or infinite", path=path)
+        warnings.warn(f"{path}: {n_bad} NaN/infinite voxels set to 0")
+        data = np.where(finite, data, 0.0).astype(np.float32)
+    if float(data.max()) == float(data.min()):
+        raise InputError(f"image is constant (every voxel is {float(data.min()):g})", path=path)
+    vox2ras = check_vox2ras(vox2ras, name="voxel-to-world matrix", path=path)
+    return Volume(data, vox2ras, path, note, header)
+
+
+def _load_nifti(path: Path, volume) -> Volume:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        vox2ras = img.affine
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise InputError(f"cannot read as NIfTI: {_short(exc)}") from exc
+    if vox2ras is None:
+        raise InputError("image has no voxel-to-world matrix", path=path)
+    return _finish(data, vox2ras, str(path), volume, header=img.header.copy())
+
+
+def _load_sitk(path: Path, volume) -> Volume:
+    import SimpleITK as sitk
+
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            files = reader.GetGDCMSeriesFileNames(str(path))
+            if not files:
+                raise InputError("folder holds no DICOM series", path=path)
+            reader.SetFileNames(files)
+            img = reader.Execute()
+        else:
+            img = sitk.ReadImage(str(path))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"not an image SimpleITK can read: {_short(exc)}") from exc
+    return _finish(*sitk_to_array(img), str(path), volume)
+
+
+def sitk_to_array(img):
+    """SimpleITK image -> (array in (i, j, k[, t]) order, vox2ras 4x4)."""
+    import SimpleITK as sitk
+
+    dim = img.GetDimension()
+    arr = sitk.GetArrayFromImage(img)  # (k, j, i) or (t, k, j, i), components last
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        arr = np.moveaxis(arr, -1, 0)  # components become the time axis
+        dim_axes = list(range(arr.ndim))
+        arr = np.transpose(arr, dim_axes[1:][::-1] + [0])
+    else:
+        arr = np.transpose(arr, list(range(arr.ndim))[::-1])
+    n = min(dim, 3)
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)[:n, :n]
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)[:n]
+    origin = np.asarray(img.GetOrigin(), dtype=np.float64)[:n]
+    vox2lps = np.eye(4)
+    vox2lps[:n, :n] = direction @ np.diag(spacing)
+    vox2lps[:n, 3] = origin
+    return arr, LPS_RAS @ vox2lps
+
+
+def array_to_sitk(data: np.ndarray, vox2ras: np.ndarray):
+    """3D array in (i, j, k) order + vox2ras -> SimpleITK image (LPS physical space)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+    vox2lps = LPS_RAS @ vox2ras
+    spacing = np.linalg.norm(vox2lps[:3, :3], axis=0)
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection((vox2lps[:3, :3] / spacing).ravel().tolist())
+    img.SetOrigin(vox2lps[:3, 3].tolist())
+    return img
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
+
+
+def load_volume(path, *, volume="mean") -> Volume:
+    """Read a 3D or 4D image as a RAS+ :class:`Volume`.
+
+    Parameters
+    ----------
+    path : str or Path
+        NIfTI-1/2 (``.nii``, ``.nii.gz``), any format SimpleITK reads, or a DICOM series folder.
+    volume : {'mean', 'median'} or int
+        How a 4D series is reduced to one reference volume.
+
+    Raises
+    ------
+    InputError
+        Missing, unreadable or invalid image (message names the file and the problem).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file or folder", path=p)
+    if p.is_file() and not os.access(p, os.R_OK):
+        raise InputError("file is not readable (permission denied)", path=p)
+    if p.is_file() and p.stat().st_size == 0:
+        raise InputError("file is empty", path=p)
+    if p.is_dir() or not _is_nifti(p):
+        return _load_sitk(p, volume)
+    return _load_nifti(p, volume)
+
+
+@contextlib.contextmanager
+def atomic_path(path, *, protect=()):
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Parameters
+    ----------
+    path : str or Path
+        Final destination.
+    protect : iterable of paths
+        Inputs that must never be overwritten.
+    """
+    dest = Path(path)
+    for other in protect:
+        if other is not None and Path(other).exists() and dest.exists() and os.path.samefile(dest, other):
+            raise OutputError("output would overwrite an input", path=dest)
+        if other is not None and os.path.abspath(dest) == os.path.abspath(other):
+            raise OutputError("output would overwrite an input", path=dest)
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError("output folder does not exist", path=dest)
+    if dest.is_dir():
+        raise OutputError("output path is a folder", path=dest)
+    if not os.access(folder, os.W_OK):
+        raise OutputError("output folder is not writable", path=dest)
+    suffix = "".join(dest.suffixes[-2:]) if dest.name.lower().endswith(".gz") else dest.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffix}", dir=folder)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise OutputError(f"cannot write: {exc.strerror or exc}", path=dest) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_volume(vol: Volume, path, *, like: Volume | None = None, protect=(), dtype=np.float32) -> None:
+    """Write a volume atomically; NIfTI keeps the header of ``like`` (its codes and units).
+
+    Parameters
+    ----------
+    vol : Volume
+    path : str or Path
+        Destination; the format follows the extension (NIfTI via nibabel, others via SimpleITK).
+    like : Volume, optional
+        Image whose NIfTI header (sform/qform codes, units, description) is reused.
+    protect : iterable of paths
+        Inputs that must not be overwritten.
+    """
+    dest = Path(path)
+    data = vol.data.astype(dtype, copy=False)
+    with atomic_path(dest, protect=protect) as tmp:
+        if _is_nifti(dest):
+            import nibabel as nib
+
+            header = getattr(like, "header", None)
+            cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+            header = header.copy() if isinstance(header, nib.Nifti1Header) else None
+            img = cls(data, vol.vox2ras, header=header)
+            img.header.set_data_dtype(dtype)
+            img.header["scl_slope"] = 1.0
+            img.header["scl_inter"] = 0.0
+            sform_code = int(header["sform_code"]) if header is not None and header["sform_code"] > 0 else 2
+            qform_code = int(header["qform_code"]) if header is not None and header["qform_code"] > 0 else 2
+            img.set_sform(vol.vox2ras, sform_code)
+            img.set_qform(vol.vox2ras, qform_code)
+            nib.save(img, str(tmp))
+        else:
+            import SimpleITK as sitk
+
+            try:
+                sitk.WriteImage(array_to_sitk(data, vol.vox2ras), str(tmp))
+            except RuntimeError as exc:
+                raise OutputError(f"cannot write image: {_short(exc)}", path=dest) from exc

@@ -1,0 +1,257 @@
+"""Numba kernels: small pure functions on arrays, no checking.
+
+Call them through the checking wrappers in :mod:`regkl.histogram` and :mod:`regkl.resample`.
+Every parallel kernel splits its points into fixed-size chunks, accumulates one partial result per
+chunk and reduces the chunks in order, so results are bit-identical whatever the thread count.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+#: Points per chunk for the parallel reductions (fixed, so results do not depend on thread count).
+CHUNK = 4096
+
+
+@njit(cache=True, fastmath=False)
+def bspline3(t):
+    """Cubic B-spline kernel beta3(t), support (-2, 2), integrates to 1."""
+    a = abs(t)
+    if a < 1.0:
+        return (4.0 - 6.0 * a * a + 3.0 * a * a * a) / 6.0
+    if a < 2.0:
+        b = 2.0 - a
+        return b * b * b / 6.0
+    return 0.0
+
+
+@njit(cache=True, fastmath=False)
+def bspline3_deriv(t):
+    """Derivative d beta3(t) / dt."""
+    a = abs(t)
+    s = 1.0 if t >= 0.0 else -1.0
+    if a < 1.0:
+        return s * (-2.0 * a + 1.5 * a * a)
+    if a < 2.0:
+        b = 2.0 - a
+        return -s * 0.5 * b * b
+    return 0.0
+
+
+@njit(cache=True, fastmath=False)
+def trilinear(data, u, v, w):
+    """Trilinear value and gradient (per voxel index) of ``data`` at continuous index (u, v, w).
+
+    Returns (valid, value, du, dv, dw); ``valid`` is False outside [0, n-1] on any axis.
+    """
+    n0, n1, n2 = data.shape
+    if not (u >= 0.0 and v >= 0.0 and w >= 0.0 and u <= n0 - 1 and v <= n1 - 1 and w <= n2 - 1):
+        return False, 0.0, 0.0, 0.0, 0.0
+    i = min(int(u), n0 - 2)
+    j = min(int(v), n1 - 2)
+    k = min(int(w), n2 - 2)
+    fu = u - i
+    fv = v - j
+    fw = w - k
+    c000 = data[i, j, k]
+    c001 = data[i, j, k + 1]
+    c010 = data[i, j + 1, k]
+    c011 = data[i, j + 1, k + 1]
+    c100 = data[i + 1, j, k]
+    c101 = data[i + 1, j, k + 1]
+    c110 = data[i + 1, j + 1, k]
+    c111 = data[i + 1, j + 1, k + 1]
+    # interpolate along w first
+    c00 = c000 + fw * (c001 - c000)
+    c01 = c010 + fw * (c011 - c010)
+    c10 = c100 + fw * (c101 - c100)
+    c11 = c110 + fw * (c111 - c110)
+    c0 = c00 + fv * (c01 - c00)
+    c1 = c10 + fv * (c11 - c10)
+    val = c0 + fu * (c1 - c0)
+    du = c1 - c0
+    dv = (1.0 - fu) * (c01 - c00) + fu * (c11 - c10)
+    d00 = c001 - c000
+    d01 = c011 - c010
+    d10 = c101 - c100
+    d11 = c111 - c110
+    d0 = d00 + fv * (d01 - d00)
+    d1 = d10 + fv * (d11 - d10)
+    dw = d0 + fu * (d1 - d0)
+    return True, val, du, dv, dw
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_moving_bins, n_fixed_bins,
+                    mov_c, mov_g):
+    """Parzen-window joint histogram of fixed bins against moving intensities.
+
+    Parameters
+    ----------
+    fixed_bins : int32 (N,)
+        Fixed-image bin of every sample point (box kernel).
+    points : float64 (N, 3)
+        Sample points in fixed world mm.
+    moving : float32 (I, J, K)
+        Moving image.
+    vox_mat : float64 (3, 4)
+        Fixed world mm to moving voxel index (moving_ras2vox @ fixed2moving).
+    mov_lo, mov_scale : float
+        Moving intensity m maps to continuous bin ``2 + (m - mov_lo) * mov_scale``, clipped to
+        ``[2, n_moving_bins - 3]``.
+    n_moving_bins, n_fixed_bins : int
+    mov_c : float64 (N,) output
+        Continuous moving bin of every point, NaN where the point falls outside the moving image.
+    mov_g : float64 (N, 3) output
+        d(continuous bin)/d(moving voxel index) of every point (zero where clipped).
+
+    Returns
+    -------
+    hist : float64 (n_fixed_bins, n_moving_bins)
+        Un-normalised joint histogram; each valid point adds a total weight of 1.
+    """
+    n = points.shape[0]
+    n_chunks = (n + CHUNK - 1) // CHUNK
+    partial = np.zeros((n_chunks, n_fixed_bins, n_moving_bins))
+    top = n_moving_bins - 3.0
+    for c in prange(n_chunks):
+        start = c * CHUNK
+        stop = min(start + CHUNK, n)
+        for p in range(start, stop):
+            x = points[p, 0]
+            y = points[p, 1]
+            z = points[p, 2]
+            u = vox_mat[0, 0] * x + vox_mat[0, 1] * y + vox_mat[0, 2] * z + vox_mat[0, 3]
+            v = vox_mat[1, 0] * x + vox_mat[1, 1] * y + vox_mat[1, 2] * z + vox_mat[1, 3]
+            w = vox_mat[2, 0] * x + vox_mat[2, 1] * y + vox_mat[2, 2] * z + vox_mat[2, 3]
+            ok, val, du, dv, dw = trilinear(moving, u, v, w)
+            if not ok:
+                mov_c[p] = np.nan
+                mov_g[p, 0] = 0.0
+                mov_g[p, 1] = 0.0
+                mov_g[p, 2] = 0.0
+                continue
+            mc = 2.0 + (val - mov_lo) * mov_scale
+            if mc < 2.0:
+                mc = 2.0
+                mov_g[p, 0] = 0.0
+                mov_g[p, 1] = 0.0
+                mov_g[p, 2] = 0.0
+            elif mc > top:
+                mc = top
+                mov_g[p, 0] = 0.0
+                mov_g[p, 1] = 0.0
+                mov_g[p, 2] = 0.0
+            else:
+                mov_g[p, 0] = du * mov_scale
+                mov_g[p, 1] = dv * mov_scale
+                mov_g[p, 2] = dw * mov_scale
+            mov_c[p] = mc
+            f = fixed_bins[p]
+            k0 = int(mc) - 1
+            for k in range(k0, k0 + 4):
+                partial[c, f, k] += bspline3(mc - k)
+    hist = np.zeros((n_fixed_bins, n_moving_bins))
+    for c in range(n_chunks):
+        hist += partial[c]
+    return hist
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def matrix_gradient(fixed_bins, points, mov_c, mov_g, dtable, vox_lin):
+    """Gradient of a histogram metric with respect to the fixed-to-moving 3x4 world matrix.
+
+    Parameters
+    ----------
+    fixed_bins, points, mov_c, mov_g
+        As filled by :func:`joint_histogram`.
+    dtable : float64 (n_fixed_bins, n_moving_bins)
+        d(metric) / d(joint histogram entry), histogram as counts (already divided by N).
+    vox_lin : float64 (3, 3)
+        Linear part of moving_ras2vox (moving world mm to moving voxel index).
+
+    Returns
+    -------
+    grad : float64 (3, 4)
+        d(metric) / d(M[a, b]) where M is the fixed-to-moving RAS matrix (rows 0-2).
+    """
+    n = points.shape[0]
+    n_chunks = (n + CHUNK - 1) // CHUNK
+    partial = np.zeros((n_chunks, 3, 4))
+    for c in prange(n_chunks):
+        start = c * CHUNK
+        stop = min(start + CHUNK, n)
+        for p in range(start, stop):
+            mc = mov_c[p]
+            if not (mc == mc):
+                continue
+            g0 = mov_g[p, 0]
+            g1 = mov_g[p, 1]
+            g2 = mov_g[p, 2]
+            if g0 == 0.0 and g1 == 0.0 and g2 == 0.0:
+                continue
+            f = fixed_bins[p]
+            k0 = int(mc) - 1
+            s = 0.0
+            for k in range(k0, k0 + 4):
+                s += bspline3_deriv(mc - k) * dtable[f, k]
+            # d(mc)/d(moving world) = vox_lin^T @ g
+            wx = (vox_lin[0, 0] * g0 + vox_lin[1, 0] * g1 + vox_lin[2, 0] * g2) * s
+            wy = (vox_lin[0, 1] * g0 + vox_lin[1, 1] * g1 + vox_lin[2, 1] * g2) * s
+            wz = (vox_lin[0, 2] * g0 + vox_lin[1, 2] * g1 + vox_lin[2, 2] * g2) * s
+            x = points[p, 0]
+            y = points[p, 1]
+            z = points[p, 2]
+            partial[c, 0, 0] += wx * x
+            partial[c, 0, 1] += wx * y
+            partial[c, 0, 2] += wx * z
+            partial[c, 0, 3] += wx
+            partial[c, 1, 0] += wy * x
+            partial[c, 1, 1] += wy * y
+            partial[c, 1, 2] += wy * z
+            partial[c, 1, 3] += wy
+            partial[c, 2, 0] += wz * x
+            partial[c, 2, 1] += wz * y
+            partial[c, 2, 2] += wz * z
+            partial[c, 2, 3] += wz
+    grad = np.zeros((3, 4))
+    for c in range(n_chunks):
+        grad += partial[c]
+    return grad
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def resample_linear(data, vox2vox, out_shape0, out_shape1, out_shape2, fill):
+    """Trilinear resampling: out[i, j, k] = data at vox2vox @ (i, j, k, 1); ``fill`` outside."""
+    out = np.empty((out_shape0, out_shape1, out_shape2), dtype=np.float32)
+    for i in prange(out_shape0):
+        for j in range(out_shape1):
+            for k in range(out_shape2):
+                u = vox2vox[0, 0] * i + vox2vox[0, 1] * j + vox2vox[0, 2] * k + vox2vox[0, 3]
+                v = vox2vox[1, 0] * i + vox2vox[1, 1] * j + vox2vox[1, 2] * k + vox2vox[1, 3]
+                w = vox2vox[2, 0] * i + vox2vox[2, 1] * j + vox2vox[2, 2] * k + vox2vox[2, 3]
+                ok, val, du, dv, dw = trilinear(data, u, v, w)
+                out[i, j, k] = val if ok else fill
+    return out
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def resample_nearest(data, vox2vox, out_shape0, out_shape1, out_shape2, fill):
+    """Nearest-neighbour resampling; ``fill`` outside [-0.5, n-0.5) on any axis."""
+    n0, n1, n2 = data.shape
+    out = np.empty((out_shape0, out_shape1, out_shape2), dtype=data.dtype)
+    for i in prange(out_shape0):
+        for j in range(out_shape1):
+            for k in range(out_shape2):
+                u = vox2vox[0, 0] * i + vox2vox[0, 1] * j + vox2vox[0, 2] * k + vox2vox[0, 3]
+                v = vox2vox[1, 0] * i + vox2vox[1, 1] * j + vox2vox[1, 2] * k + vox2vox[1, 3]
+                w = vox2vox[2, 0] * i + vox2vox[2, 1] * j + vox2vox[2, 2] * k + vox2vox[2, 3]
+                a = int(math.floor(u + 0.5))
+                b = int(math.floor(v + 0.5))
+                c = int(math.floor(w + 0.5))
+                if a < 0 or b < 0 or c < 0 or a >= n0 or b >= n1 or c >= n2:
+                    out[i, j, k] = fill
+                else:
+                    out[i, j, k] = data[a, b, c]
+    return out
