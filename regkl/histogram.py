@@ -97,6 +97,8 @@ class Evaluation:
     hist: np.ndarray        # (F, M) counts
     mov_c: np.ndarray       # (N,) continuous moving bins, NaN outside
     mov_g: np.ndarray       # (N, 3) d bin / d moving voxel index
+    mov_w: np.ndarray       # (N,) weight of each point (0 outside the moving image)
+    mov_gw: np.ndarray      # (N, 3) d weight / d moving voxel index
     n_valid: int
 
 
@@ -117,9 +119,12 @@ def joint_histogram(samples: Samples, moving: MovingLevel, fixed2moving: np.ndar
     n = samples.points.shape[0]
     mov_c = np.empty(n)
     mov_g = np.empty((n, 3))
+    mov_w = np.empty(n)
+    mov_gw = np.empty((n, 3))
     hist = kernels.joint_histogram(samples.bins, samples.points, moving.volume.data, vox_mat,
-                                   moving.lo, moving.scale, moving.n_bins, samples.n_bins, mov_c, mov_g)
-    return Evaluation(hist, mov_c, mov_g, int(np.count_nonzero(~np.isnan(mov_c))))
+                                   moving.lo, moving.scale, moving.n_bins, samples.n_bins, mov_c, mov_g,
+                                   mov_w, mov_gw)
+    return Evaluation(hist, mov_c, mov_g, mov_w, mov_gw, int(np.count_nonzero(mov_w > 0)))
 
 
 def matrix_gradient(samples: Samples, moving: MovingLevel, evaluation: Evaluation,
@@ -130,4 +135,4 @@ def matrix_gradient(samples: Samples, moving: MovingLevel, evaluation: Evaluatio
         raise KernelInputError(f"dtable shape {dtable.shape} != histogram shape {evaluation.hist.shape}")
     vox_lin = np.ascontiguousarray(moving.volume.ras2vox[:3, :3])
     return kernels.matrix_gradient(samples.bins, samples.points, evaluation.mov_c, evaluation.mov_g,
-                                   dtable, vox_lin)
+                                   evaluation.mov_w, evaluation.mov_gw, dtable, vox_lin)

@@ -82,10 +82,30 @@ def trilinear(data, u, v, w):
     return True, val, du, dv, dw
 
 
+@njit(cache=True, fastmath=False)
+def edge_ramp(t, n):
+    """C1 weight of continuous index t on an axis of n voxels: 0 outside [0, n-1], rising as a
+    smoothstep over the first and last voxel, 1 inside. Returns (weight, d weight / dt)."""
+    top = n - 1.0
+    if t <= 0.0 or t >= top:
+        return 0.0, 0.0
+    a = t if t < 1.0 else 1.0
+    b = top - t if top - t < 1.0 else 1.0
+    wa = a * a * (3.0 - 2.0 * a)
+    wb = b * b * (3.0 - 2.0 * b)
+    da = 6.0 * a * (1.0 - a) if t < 1.0 else 0.0
+    db = -6.0 * b * (1.0 - b) if top - t < 1.0 else 0.0
+    return wa * wb, da * wb + wa * db
+
+
 @njit(cache=True, parallel=True, fastmath=False)
 def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_moving_bins, n_fixed_bins,
-                    mov_c, mov_g):
+                    mov_c, mov_g, mov_w, mov_gw):
     """Parzen-window joint histogram of fixed bins against moving intensities.
+
+    Each sample point adds a cubic B-spline kernel centred on its continuous moving bin, in the row
+    of its fixed bin, with weight ``w`` in [0, 1]: 1 inside the moving image, falling smoothly (C1)
+    to 0 over the outermost voxel, 0 outside (points outside are left out, never zero-filled).
 
     Parameters
     ----------
@@ -102,16 +122,21 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
         ``[2, n_moving_bins - 3]``.
     n_moving_bins, n_fixed_bins : int
     mov_c : float64 (N,) output
-        Continuous moving bin of every point, NaN where the point falls outside the moving image.
+        Continuous moving bin of every point (NaN where its weight is 0).
     mov_g : float64 (N, 3) output
-        d(continuous bin)/d(moving voxel index) of every point (zero where clipped).
+        d(continuous bin)/d(moving voxel index) (zero where clipped).
+    mov_w : float64 (N,) output
+        Weight of every point.
+    mov_gw : float64 (N, 3) output
+        d(weight)/d(moving voxel index).
 
     Returns
     -------
     hist : float64 (n_fixed_bins, n_moving_bins)
-        Un-normalised joint histogram; each valid point adds a total weight of 1.
+        Weighted joint histogram (total = sum of weights).
     """
     n = points.shape[0]
+    n0, n1, n2 = moving.shape
     n_chunks = (n + CHUNK - 1) // CHUNK
     partial = np.zeros((n_chunks, n_fixed_bins, n_moving_bins))
     top = n_moving_bins - 3.0
@@ -125,21 +150,25 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
             u = vox_mat[0, 0] * x + vox_mat[0, 1] * y + vox_mat[0, 2] * z + vox_mat[0, 3]
             v = vox_mat[1, 0] * x + vox_mat[1, 1] * y + vox_mat[1, 2] * z + vox_mat[1, 3]
             w = vox_mat[2, 0] * x + vox_mat[2, 1] * y + vox_mat[2, 2] * z + vox_mat[2, 3]
-            ok, val, du, dv, dw = trilinear(moving, u, v, w)
-            if not ok:
+            ru, dru = edge_ramp(u, n0)
+            rv, drv = edge_ramp(v, n1)
+            rw, drw = edge_ramp(w, n2)
+            weight = ru * rv * rw
+            if weight <= 0.0:
                 mov_c[p] = np.nan
-                mov_g[p, 0] = 0.0
-                mov_g[p, 1] = 0.0
-                mov_g[p, 2] = 0.0
+                mov_w[p] = 0.0
+                for a in range(3):
+                    mov_g[p, a] = 0.0
+                    mov_gw[p, a] = 0.0
                 continue
+            ok, val, du, dv, dw = trilinear(moving, u, v, w)
+            mov_w[p] = weight
+            mov_gw[p, 0] = dru * rv * rw
+            mov_gw[p, 1] = ru * drv * rw
+            mov_gw[p, 2] = ru * rv * drw
             mc = 2.0 + (val - mov_lo) * mov_scale
-            if mc < 2.0:
-                mc = 2.0
-                mov_g[p, 0] = 0.0
-                mov_g[p, 1] = 0.0
-                mov_g[p, 2] = 0.0
-            elif mc > top:
-                mc = top
+            if mc < 2.0 or mc > top:
+                mc = 2.0 if mc < 2.0 else top
                 mov_g[p, 0] = 0.0
                 mov_g[p, 1] = 0.0
                 mov_g[p, 2] = 0.0
@@ -151,7 +180,7 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
             f = fixed_bins[p]
             k0 = int(mc) - 1
             for k in range(k0, k0 + 4):
-                partial[c, f, k] += bspline3(mc - k)
+                partial[c, f, k] += weight * bspline3(mc - k)
     hist = np.zeros((n_fixed_bins, n_moving_bins))
     for c in range(n_chunks):
         hist += partial[c]
@@ -159,15 +188,15 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
 
 
 @njit(cache=True, parallel=True, fastmath=False)
-def matrix_gradient(fixed_bins, points, mov_c, mov_g, dtable, vox_lin):
+def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox_lin):
     """Gradient of a histogram metric with respect to the fixed-to-moving 3x4 world matrix.
 
     Parameters
     ----------
-    fixed_bins, points, mov_c, mov_g
+    fixed_bins, points, mov_c, mov_g, mov_w, mov_gw
         As filled by :func:`joint_histogram`.
     dtable : float64 (n_fixed_bins, n_moving_bins)
-        d(metric) / d(joint histogram entry), histogram as counts (already divided by N).
+        d(metric) / d(joint histogram entry) (full derivative, histogram in counts).
     vox_lin : float64 (3, 3)
         Linear part of moving_ras2vox (moving world mm to moving voxel index).
 
@@ -186,20 +215,24 @@ def matrix_gradient(fixed_bins, points, mov_c, mov_g, dtable, vox_lin):
             mc = mov_c[p]
             if not (mc == mc):
                 continue
-            g0 = mov_g[p, 0]
-            g1 = mov_g[p, 1]
-            g2 = mov_g[p, 2]
-            if g0 == 0.0 and g1 == 0.0 and g2 == 0.0:
-                continue
             f = fixed_bins[p]
             k0 = int(mc) - 1
-            s = 0.0
+            s0 = 0.0
+            s1 = 0.0
             for k in range(k0, k0 + 4):
-                s += bspline3_deriv(mc - k) * dtable[f, k]
-            # d(mc)/d(moving world) = vox_lin^T @ g
-            wx = (vox_lin[0, 0] * g0 + vox_lin[1, 0] * g1 + vox_lin[2, 0] * g2) * s
-            wy = (vox_lin[0, 1] * g0 + vox_lin[1, 1] * g1 + vox_lin[2, 1] * g2) * s
-            wz = (vox_lin[0, 2] * g0 + vox_lin[1, 2] * g1 + vox_lin[2, 2] * g2) * s
+                s0 += bspline3(mc - k) * dtable[f, k]
+                s1 += bspline3_deriv(mc - k) * dtable[f, k]
+            s1 *= mov_w[p]
+            # d(metric contribution)/d(moving voxel index)
+            g0 = s1 * mov_g[p, 0] + s0 * mov_gw[p, 0]
+            g1 = s1 * mov_g[p, 1] + s0 * mov_gw[p, 1]
+            g2 = s1 * mov_g[p, 2] + s0 * mov_gw[p, 2]
+            if g0 == 0.0 and g1 == 0.0 and g2 == 0.0:
+                continue
+            # chain rule to moving world: vox_lin^T @ g
+            wx = vox_lin[0, 0] * g0 + vox_lin[1, 0] * g1 + vox_lin[2, 0] * g2
+            wy = vox_lin[0, 1] * g0 + vox_lin[1, 1] * g1 + vox_lin[2, 1] * g2
+            wz = vox_lin[0, 2] * g0 + vox_lin[1, 2] * g1 + vox_lin[2, 2] * g2
             x = points[p, 0]
             y = points[p, 1]
             z = points[p, 2]

@@ -1,9 +1,8 @@
 """Similarity metrics computed from a joint histogram, with their derivatives.
 
 Each metric is a function ``hist (F, M) counts -> (value, dtable)`` where ``value`` is to be
-MAXIMISED and ``dtable[l, k] = d value / d hist[l, k]``. Terms of ``dtable`` that are constant
-along a fixed-bin row may be dropped: every sample point keeps its fixed bin and a total weight of
-one, so such terms do not change the gradient.
+MAXIMISED and ``dtable[l, k] = d value / d hist[l, k]``, the full derivative: sample points carry
+weights that change near the moving image's edge, so the histogram's total is not constant.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ def mutual_information(hist: np.ndarray):
     value : float
         ``sum p log(p / (p_f p_m))`` with ``p = hist / hist.sum()``.
     dtable : ndarray, shape (F, M)
-        Derivative of ``value`` with respect to each count, up to per-row constants.
+        Derivative of ``value`` with respect to each count:
+        ``(log(p / (p_f p_m)) - value) / n`` where ``p > 0``, 0 elsewhere.
     """
     n = hist.sum()
     if n <= 0:
@@ -37,10 +37,9 @@ def mutual_information(hist: np.ndarray):
     nz = p > 0
     outer = np.outer(pf, pm)
     value = float(np.sum(p[nz] * np.log(p[nz] / outer[nz])))
-    logratio = np.zeros_like(p)
-    pm_b = np.broadcast_to(pm, p.shape)
-    logratio[nz] = np.log(p[nz] / pm_b[nz])
-    return value, logratio / n
+    dtable = np.zeros_like(p)
+    dtable[nz] = (np.log(p[nz] / outer[nz]) - value) / n
+    return value, dtable
 
 
 METRICS = {
