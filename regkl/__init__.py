@@ -5,7 +5,13 @@ FIXED (reference) image's world to the corresponding point of the MOVING image's
 direction used for resampling). Conversions to other conventions happen only in :mod:`regkl.xfm`.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# Numba's OpenMP workers otherwise spin after every parallel kernel and steal the other core from
+# the serial work between kernels (optimiser, metric): twice slower on 2 cores. Users may override.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import RegklError, InputError, RegistrationError  # noqa: E402,F401
 from .volume import Volume  # noqa: E402,F401

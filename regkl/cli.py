@@ -103,8 +103,10 @@ def register(moving, fixed, output, transform_out, matrix_out, model, metric, bi
     inputs = (moving, fixed)
     for out in (output, transform_out, matrix_out):
         _check_output(out, inputs)
+    warm = _warm_kernels_in_background()
     fixed_vol = load_volume(fixed, volume="mean")
     moving_vol = load_volume(moving, volume=_volume_option(moving_volume))
+    warm.join()
     if moving_vol.note:
         say(f"moving reference: {moving_vol.note}")
     result = run_register(moving_vol, fixed_vol, model=model, metric=metric, bins=bins, sampling=sampling,
@@ -124,6 +126,17 @@ def register(moving, fixed, output, transform_out, matrix_out, model, metric, bi
     else:
         for row in result.fixed2moving:
             click.echo(" ".join(f"{v: .8f}" for v in row))
+
+
+def _warm_kernels_in_background():
+    """Start loading the compiled kernels while the images are read (both release the GIL)."""
+    import threading
+
+    from .kernels import warm_up
+
+    thread = threading.Thread(target=warm_up, name="regkl-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _check_output(path, inputs):
