@@ -1,0 +1,94 @@
+"""Command line: exit codes, one-line errors, nothing but results on stdout, no stray files."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from regkl import __version__
+from regkl.cli import main
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+def test_version_and_help(capsys):
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and __version__ in out
+    code, out, _ = run(["register", "--help"], capsys)
+    assert code == 0 and "Examples" in out and "--transform-out" in out
+
+
+def _bad_file(tmp_path, case):
+    p = tmp_path / f"{case}.nii.gz"
+    if case == "missing":
+        return p
+    if case == "not_an_image":
+        p.write_text("just text")
+    elif case == "image_2d":
+        nib.save(nib.Nifti1Image(np.random.rand(8, 8).astype(np.float32), np.eye(4)), str(p))
+    elif case == "nan_filled":
+        nib.save(nib.Nifti1Image(np.full((8, 8, 8), np.nan, np.float32), np.eye(4)), str(p))
+    elif case == "singular_affine":
+        hdr = nib.Nifti1Header()
+        hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = [1, 0, 0, 0], [2, 0, 0, 0], [0, 0, 1, 0]
+        hdr["sform_code"], hdr["qform_code"] = 2, 0
+        nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), None, header=hdr), str(p))
+    return p
+
+
+@pytest.mark.parametrize("case", ["missing", "not_an_image", "image_2d", "nan_filled", "singular_affine"])
+@pytest.mark.parametrize("role", ["moving", "fixed"])
+def test_bad_input_one_line_exit_2_no_output(tmp_path, capsys, real_pair_paths, case, role):
+    good_moving, good_fixed = real_pair_paths
+    bad = _bad_file(tmp_path, case)
+    moving, fixed = (bad, good_fixed) if role == "moving" else (good_moving, bad)
+    outs = [tmp_path / "out.nii.gz", tmp_path / "x.tfm", tmp_path / "m.txt"]
+    code, out, err = run(["register", moving, fixed, "-o", outs[0], "--transform-out", outs[1],
+                          "--matrix-out", outs[2]], capsys)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert str(bad) in lines[0] and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [bad.name] if bad.exists() else [])
+
+
+def test_output_equal_to_input_is_refused(tmp_path, capsys, real_pair_paths):
+    moving, fixed = real_pair_paths
+    code, out, err = run(["register", moving, fixed, "-o", moving], capsys)
+    assert code == 2 and "overwrite an input" in err
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "regkl.cli", "register", str(tmp_path / "a.nii"),
+                           str(tmp_path / "b.nii"), "--debug"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_json_summary_on_stdout_only(tmp_path, capsys, real_pair_paths):
+    moving, fixed = real_pair_paths
+    code, out, err = run(["register", moving, fixed, "--matrix-out", tmp_path / "m.txt", "--json"], capsys)
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["metric_after"] > summary["metric_before"]
+    assert len(summary["levels"]) >= 2 and all(lv["iterations"] > 0 for lv in summary["levels"])
+    m = np.array(summary["fixed2moving_ras"])
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "m.txt", comments="#"), m, atol=1e-8)
+    assert "level" in err  # progress went to stderr
+
+
+def test_matrix_on_stdout_without_json(capsys, real_pair_paths):
+    moving, fixed = real_pair_paths
+    code, out, _ = run(["register", moving, fixed, "-q"], capsys)
+    assert code == 0
+    m = np.array([[float(v) for v in line.split()] for line in out.strip().splitlines()])
+    assert m.shape == (4, 4) and np.allclose(m[3], [0, 0, 0, 1])
