@@ -63,7 +63,7 @@ def cli(debug):
 @click.option("--matrix-out", type=click.Path(dir_okay=False), help="4x4 RAS+ fixed->moving matrix (text).")
 @click.option("--model", default="rigid", show_default=True, help="Transform model: rigid, translation.")
 @click.option("--metric", default="mi", show_default=True, help="Similarity metric: mi.")
-@click.option("--bins", default=32, show_default=True, type=int, help="Histogram bins.")
+@click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins.")
 @click.option("--sampling", default=0.5, show_default=True, type=float,
               help="Fraction of fixed grid points used at each level (regular grid, seeded jitter).")
 @click.option("--levels", type=int, default=None, help="Pyramid levels [default: from voxel sizes].")

@@ -119,7 +119,7 @@ class _Objective:
         return -value, -grad_p * self.scales
 
 
-def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str = "mi", bins: int = 32,
+def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str = "mi", bins: int = 24,
              sampling: float = 0.5, levels: int | None = None, init: str = "com",
              init_fixed2moving: np.ndarray | None = None, seed: int = 0, max_iter: int = 100,
              log=None) -> Result:

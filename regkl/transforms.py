@@ -169,7 +169,8 @@ def get_model(name: str) -> TransformModel:
 
 def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a 4x4 homogeneous matrix to points (N, 3) -> (N, 3)."""
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
+    # (3, 3) @ (3, N) is much faster than (N, 3) @ (3, 3) in NumPy for large N
+    return (matrix[:3, :3] @ np.asarray(points, dtype=np.float64).T).T + matrix[:3, 3]
 
 
 def rms_displacement(a: np.ndarray, b: np.ndarray, points: np.ndarray) -> float:
