@@ -92,3 +92,16 @@ def test_matrix_on_stdout_without_json(capsys, real_pair_paths):
     assert code == 0
     m = np.array([[float(v) for v in line.split()] for line in out.strip().splitlines()])
     assert m.shape == (4, 4) and np.allclose(m[3], [0, 0, 0, 1])
+
+
+def test_same_seed_same_result_and_other_seed_close(real_pair):
+    from regkl.optimize import register
+    from regkl.transforms import rms_displacement
+
+    moving, fixed = real_pair
+    a = register(moving, fixed, seed=3).fixed2moving
+    b = register(moving, fixed, seed=3).fixed2moving
+    c = register(moving, fixed, seed=4).fixed2moving
+    assert np.array_equal(a, b)
+    pts = fixed.world_coords(np.argwhere(fixed.data[::4, ::4, ::4] > np.percentile(fixed.data, 60)) * 4.0)
+    assert rms_displacement(a, c, pts) < 0.3

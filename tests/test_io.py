@@ -129,3 +129,29 @@ def test_save_keeps_fixed_header_and_is_atomic(tmp_path):
     np.testing.assert_allclose(back.affine, _oblique_vox2ras(), atol=1e-5)
     np.testing.assert_allclose(back.get_fdata(), fixed.data * 2, rtol=1e-6)
     assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+
+
+def test_dicom_series_folder_and_nifti2(tmp_path):
+    data, v2r, _ = _variants(tmp_path)
+    ref = Volume(data, v2r)
+    img = array_to_sitk((data * 1000).astype(np.int16), v2r)
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(img.GetDepth()):
+        sl = img[:, :, k]
+        sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))
+        sl.SetMetaData("0020|0037", "\\".join(map(str, np.asarray(img.GetDirection()).reshape(3, 3)[:, :2].T.ravel())))
+        sl.SetMetaData("0020|0013", str(k))
+        sl.SetMetaData("0020|000e", "1.2.3.4.5")
+        sl.SetMetaData("0008|0060", "MR")
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(sl)
+    vol = load_volume(folder)
+    idx = np.stack(np.meshgrid(*[np.arange(0, s, 2) for s in data.shape], indexing="ij"), -1).reshape(-1, 3)
+    world = ref.world_coords(idx)
+    np.testing.assert_allclose(_ras_at(vol, world), (data * 1000).astype(np.int16)[tuple(idx.T)], atol=1)
+
+    nib.save(nib.Nifti2Image(data, v2r), str(tmp_path / "n2.nii"))
+    np.testing.assert_allclose(load_volume(tmp_path / "n2.nii").data, data)
