@@ -227,14 +227,18 @@ def write_gzip_parallel(raw: bytes, path, *, level: int = 1, threads: int | None
     A multi-member gzip file is standard (RFC 1952): zlib's gzread (ITK, FSL, AFNI, FreeSurfer),
     Python's gzip module and nibabel read it as one stream. zlib releases the GIL, so threads scale.
     """
-    import gzip
     from concurrent.futures import ThreadPoolExecutor
+
+    try:  # ISA-L's deflate: ~10x faster than zlib at the same ratio
+        from isal.igzip import compress
+    except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
+        from gzip import compress
 
     view = memoryview(raw)
     chunks = [view[i:i + GZIP_CHUNK] for i in range(0, len(raw), GZIP_CHUNK)] or [view]
     workers = threads or min(len(chunks), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        members = pool.map(lambda c: gzip.compress(c, compresslevel=level, mtime=0), chunks)
+        members = pool.map(lambda c: compress(c, compresslevel=level, mtime=0), chunks)
         with open(path, "wb") as fh:
             for member in members:
                 fh.write(member)
