@@ -38,12 +38,16 @@ class Samples:
 
 @dataclass(frozen=True)
 class MovingLevel:
-    """Moving image of one level and the mapping of its intensities to continuous bins."""
+    """Moving image of one level and the mapping of its intensities to continuous bins.
+
+    ``mask`` (float32 in [0, 1], same grid, or None) multiplies each sample point's weight.
+    """
 
     volume: Volume
     lo: float
     scale: float
     n_bins: int
+    mask: np.ndarray | None = None
 
 
 def robust_range(values: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5):
@@ -79,15 +83,27 @@ def make_samples(points: np.ndarray, values: np.ndarray, n_bins: int, value_rang
     return Samples(points, values, fixed_bins(values, lo, hi, n_bins), int(n_bins))
 
 
-def make_moving_level(volume: Volume, n_bins: int, value_range=None) -> MovingLevel:
-    """Map moving intensities [lo, hi] to continuous bins [2, n_bins - 3] (cubic-kernel padding)."""
+def make_moving_level(volume: Volume, n_bins: int, value_range=None, mask: np.ndarray | None = None) -> MovingLevel:
+    """Map moving intensities [lo, hi] to continuous bins [2, n_bins - 3] (cubic-kernel padding).
+
+    ``mask``: optional weights in [0, 1] on the moving grid (points outside it are left out)."""
     if n_bins < 8:
         raise KernelInputError(f"need at least 8 moving bins, got {n_bins}")
     if min(volume.shape) < 2:
         raise KernelInputError(f"moving image needs at least 2 voxels along each axis, got {volume.shape}",
                                path=volume.name)
-    lo, hi = robust_range(volume.data) if value_range is None else value_range
-    return MovingLevel(volume, lo, (n_bins - 5) / (hi - lo), int(n_bins))
+    if mask is not None:
+        mask = np.ascontiguousarray(np.clip(mask, 0.0, 1.0), dtype=np.float32)
+        if mask.shape != volume.shape:
+            raise KernelInputError(f"moving mask shape {mask.shape} != moving image shape {volume.shape}")
+        if not np.any(mask > 0):
+            raise KernelInputError("moving mask is empty", path=volume.name)
+    if value_range is None:
+        inside = volume.data[mask > 0.5] if mask is not None and np.count_nonzero(mask > 0.5) > 100 else volume.data
+        lo, hi = robust_range(inside)
+    else:
+        lo, hi = value_range
+    return MovingLevel(volume, lo, (n_bins - 5) / (hi - lo), int(n_bins), mask)
 
 
 @dataclass(frozen=True)
@@ -123,7 +139,9 @@ def joint_histogram(samples: Samples, moving: MovingLevel, fixed2moving: np.ndar
     mov_gw = np.empty((n, 3))
     hist = kernels.joint_histogram(samples.bins, samples.points, moving.volume.data, vox_mat,
                                    moving.lo, moving.scale, moving.n_bins, samples.n_bins, mov_c, mov_g,
-                                   mov_w, mov_gw)
+                                   mov_w, mov_gw,
+                                   moving.volume.data if moving.mask is None else moving.mask,
+                                   moving.mask is not None)
     return Evaluation(hist, mov_c, mov_g, mov_w, mov_gw, int(np.count_nonzero(mov_w > 0)))
 
 

@@ -100,7 +100,7 @@ def edge_ramp(t, n):
 
 @njit(cache=True, parallel=True, fastmath=False)
 def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_moving_bins, n_fixed_bins,
-                    mov_c, mov_g, mov_w, mov_gw):
+                    mov_c, mov_g, mov_w, mov_gw, mov_mask, use_mask):
     """Parzen-window joint histogram of fixed bins against moving intensities.
 
     Each sample point adds a cubic B-spline kernel centred on its continuous moving bin, in the row
@@ -129,6 +129,9 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
         Weight of every point.
     mov_gw : float64 (N, 3) output
         d(weight)/d(moving voxel index).
+    mov_mask : float32 (I, J, K)
+        Moving mask in [0, 1] on the moving grid (trilinear; multiplies the weight) if ``use_mask``.
+    use_mask : bool
 
     Returns
     -------
@@ -154,6 +157,15 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
             rv, drv = edge_ramp(v, n1)
             rw, drw = edge_ramp(w, n2)
             weight = ru * rv * rw
+            gwu = dru * rv * rw
+            gwv = ru * drv * rw
+            gww = ru * rv * drw
+            if use_mask and weight > 0.0:
+                okm, mval, mdu, mdv, mdw = trilinear(mov_mask, u, v, w)
+                gwu = gwu * mval + weight * mdu
+                gwv = gwv * mval + weight * mdv
+                gww = gww * mval + weight * mdw
+                weight = weight * mval
             if weight <= 0.0:
                 mov_c[p] = np.nan
                 mov_w[p] = 0.0
@@ -163,9 +175,9 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
                 continue
             ok, val, du, dv, dw = trilinear(moving, u, v, w)
             mov_w[p] = weight
-            mov_gw[p, 0] = dru * rv * rw
-            mov_gw[p, 1] = ru * drv * rw
-            mov_gw[p, 2] = ru * rv * drw
+            mov_gw[p, 0] = gwu
+            mov_gw[p, 1] = gwv
+            mov_gw[p, 2] = gww
             mc = 2.0 + (val - mov_lo) * mov_scale
             if mc < 2.0 or mc > top:
                 mc = 2.0 if mc < 2.0 else top
@@ -303,5 +315,5 @@ def warm_up():
     bins = np.zeros(1, dtype=np.int32)
     c, w = np.empty(1), np.empty(1)
     g, gw = np.empty((1, 3)), np.empty((1, 3))
-    joint_histogram(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c, g, w, gw)
+    joint_histogram(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c, g, w, gw, data, False)
     matrix_gradient(bins, pts, c, g, w, gw, np.zeros((8, 8)), mat[:3, :3].copy())

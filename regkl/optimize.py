@@ -8,20 +8,25 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize as sopt
 
-from . import histogram, pyramid
+from . import histogram, masks, pyramid
 from .errors import InputError, RegistrationError
+from .initialize import SEARCH_MODES, SearchReport, global_search, initial_transform  # noqa: F401
 from .metrics import get_metric
 from .transforms import get_model
 from .volume import Volume
 
 #: Minimum fraction of sample points that must land inside the moving image.
 MIN_OVERLAP = 0.05
+#: Metric value reported where the images do not overlap enough: below any metric's real range
+#: (MI, NMI, CR, JSD are >= 0; -KL to a floored prior is > -50), so the optimiser backs off.
+NO_OVERLAP_VALUE = -1.0e3
 
 
 @dataclass(frozen=True)
 class LevelReport:
-    """What happened at one pyramid level."""
+    """What happened at one pyramid level of one stage."""
 
+    stage: str
     spacing_mm: float
     n_points: int
     iterations: int
@@ -43,14 +48,16 @@ class Result:
     init_fixed2moving : ndarray (4, 4)
         The starting transform.
     model : str
+        Final model; ``stages`` lists every model run, in order.
     params : ndarray (P,)
-        Model parameters (radians, mm) about ``centre``.
+        Parameters of the final model about ``centre``.
     centre : ndarray (3,)
         Centre of rotation (fixed world mm).
     metric : str
     metric_before, metric_after : float
         Metric at the finest level at the start and at the end (higher is better).
     levels : tuple of LevelReport
+    search : SearchReport or None
     seconds : float
     init : str
     """
@@ -66,23 +73,9 @@ class Result:
     levels: tuple
     seconds: float
     init: str
+    stages: tuple = ()
+    search: SearchReport | None = None
     settings: dict = field(default_factory=dict)
-
-
-def initial_transform(moving: Volume, fixed: Volume, how: str) -> np.ndarray:
-    """Starting fixed-to-moving matrix: 'com' (centres of mass), 'geometry' (grid centres) or
-    'header' (identity: trust the headers)."""
-    if how == "header":
-        return np.eye(4)
-    if how == "com":
-        shift = moving.centre_of_mass() - fixed.centre_of_mass()
-    elif how == "geometry":
-        shift = moving.centre - fixed.centre
-    else:
-        raise InputError(f"unknown initialisation {how!r}; choose one of com, geometry, header")
-    m = np.eye(4)
-    m[:3, 3] = shift
-    return m
 
 
 class _Objective:
@@ -101,7 +94,7 @@ class _Objective:
     def metric_at(self, params):
         ev = histogram.joint_histogram(self.samples, self.moving, self.model.matrix(params, self.centre))
         if ev.n_valid < self.min_valid:
-            return 0.0, ev, None
+            return NO_OVERLAP_VALUE, ev, None
         value, dtable = self.metric_fn(ev.hist)
         return value, ev, dtable
 
@@ -112,17 +105,68 @@ class _Objective:
             raise RegistrationError("optimiser produced non-finite parameters")
         value, ev, dtable = self.metric_at(params)
         if dtable is None:
-            return 0.0, np.zeros_like(q)
+            return -value, np.zeros_like(q)
         gmat = histogram.matrix_gradient(self.samples, self.moving, ev, dtable)
         dmat = self.model.dmatrix(params, self.centre)
         grad_p = np.tensordot(dmat, gmat, axes=([1, 2], [0, 1]))
         return -value, -grad_p * self.scales
 
+    def with_model(self, model, scales):
+        """The same level's data for another transform model."""
+        return _Objective(self.samples, self.moving, model, self.metric_fn, self.centre, scales)
+
+
+@dataclass(frozen=True)
+class _Level:
+    spacing: float
+    samples: histogram.Samples
+    moving: histogram.MovingLevel
+
+
+def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask):
+    levels = []
+    for spacing in spacings:
+        flev = pyramid.downsample(fixed, spacing)
+        mlev = pyramid.downsample(moving, spacing)
+        pts, vals = pyramid.sample_grid(flev, sampling, rng)
+        if fixed_mask is not None:
+            keep = masks.values_at(fixed_mask, pts) >= 0.5
+            if np.count_nonzero(keep) < 64:
+                raise InputError(f"fixed mask keeps only {np.count_nonzero(keep)} sample points at "
+                                 f"{spacing:g} mm; it does not overlap the fixed image", path=fixed_mask.name)
+            pts, vals = pts[keep], vals[keep]
+        mmask = None if moving_mask is None else masks.on_grid(moving_mask, mlev)
+        if mmask is not None and not np.any(mmask > 0):
+            raise InputError("moving mask does not overlap the moving image", path=moving_mask.name)
+        levels.append(_Level(float(spacing), histogram.make_samples(pts, vals, bins),
+                             histogram.make_moving_level(mlev, bins, mask=mmask)))
+    return levels
+
+
+def _lbfgs(obj, params, max_iter):
+    """Run L-BFGS-B from ``params``; returns (params, value, scipy result). Never returns worse."""
+    start_value = obj.metric_at(params)[0]
+    res = sopt.minimize(obj, params / obj.scales, jac=True, method="L-BFGS-B",
+                        options={"maxiter": max_iter, "ftol": 1e-9, "gtol": 1e-6, "maxcor": 10})
+    if not np.all(np.isfinite(res.x)):
+        raise RegistrationError("optimiser diverged (non-finite parameters)")
+    value = -float(res.fun)
+    if value < start_value:
+        return params, start_value, res
+    return res.x * obj.scales, value, res
+
+
+def _refine(obj, params, max_iter):
+    """Local L-BFGS-B refinement used by the global search: (params, value)."""
+    q, v, _ = _lbfgs(obj, params, max_iter)
+    return q, v
+
 
 def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str = "mi", bins: int = 24,
              sampling: float = 0.5, levels: int | None = None, init: str = "com",
-             init_fixed2moving: np.ndarray | None = None, seed: int = 0, max_iter: int = 100,
-             log=None) -> Result:
+             init_fixed2moving: np.ndarray | None = None, search: str = "auto", fixed_mask: Volume | None = None,
+             moving_mask: Volume | None = None, auto_mask: bool = False, prior=None, seed: int = 0,
+             max_iter: int = 100, log=None) -> Result:
     """Align ``moving`` to ``fixed`` by maximising a histogram similarity metric.
 
     Parameters
@@ -130,7 +174,8 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
     moving, fixed : Volume
         3D images in RAS+ mm.
     model : str
-        Transform model name (see :data:`regkl.transforms.MODELS`).
+        Transform model name (see :data:`regkl.transforms.MODELS`); models with ``stages`` run
+        those first (``affine``: rigid, then affine), each starting from the last.
     metric : str
         Metric name (see :data:`regkl.metrics.METRICS`).
     bins : int
@@ -143,6 +188,17 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
         Starting transform when ``init_fixed2moving`` is not given.
     init_fixed2moving : ndarray (4, 4), optional
         Explicit starting transform (fixed RAS -> moving RAS).
+    search : {'none', 'auto', 'full'}
+        Global rotation/translation search at the coarsest level (see
+        :func:`regkl.initialize.global_search`); 'auto' keeps the start unless a searched pose is
+        clearly better.
+    fixed_mask, moving_mask : Volume, optional
+        Masks on any grid: only fixed samples inside ``fixed_mask`` count, and only where they map
+        inside ``moving_mask``.
+    auto_mask : bool
+        Build foreground masks from the images where no mask is given.
+    prior : ndarray (bins, bins), optional
+        Expected joint histogram for ``metric='kl'``.
     seed : int
         Seed of the sample jitter and subsampling; the result is deterministic for a seed.
     max_iter : int
@@ -162,61 +218,78 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
         raise InputError(f"bins must be between 8 and 512, got {bins}")
     if levels is not None and not 1 <= levels <= 6:
         raise InputError(f"levels must be between 1 and 6, got {levels}")
-    mdl = get_model(model)
-    metric_fn = get_metric(metric)
+    if search not in SEARCH_MODES:
+        raise InputError(f"unknown search mode {search!r}; choose one of {', '.join(SEARCH_MODES)}")
+    final = get_model(model)
+    stage_models = [get_model(name) for name in final.stages] + [final]
+    metric_fn = get_metric(metric) if prior is None else get_metric(metric, prior=prior)
     spacings = pyramid.default_spacings(fixed, moving, levels)
     rng = np.random.default_rng(seed)
 
-    fixed_levels = [pyramid.downsample(fixed, s) for s in spacings]
-    moving_levels = [pyramid.downsample(moving, s) for s in spacings]
-    centre = fixed_levels[-1].centre_of_mass()
+    if auto_mask:
+        fixed_mask = fixed_mask if fixed_mask is not None else masks.auto_mask(fixed)
+        moving_mask = moving_mask if moving_mask is not None else masks.auto_mask(moving)
+    for m, what in ((fixed_mask, "fixed mask"), (moving_mask, "moving mask")):
+        if m is not None:
+            masks.check_mask(m, what)
+    lvls = _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask)
+
+    finest_fixed = pyramid.downsample(fixed, spacings[-1])
+    centre = finest_fixed.centre_of_mass()
     if init_fixed2moving is not None:
         start = np.asarray(init_fixed2moving, dtype=np.float64)
         init = "given"
     else:
-        start = initial_transform(moving_levels[-1], fixed_levels[-1], init)
-    params = mdl.from_matrix(start, centre)
-
-    pts_fine = fixed_levels[-1].world_coords(
-        np.stack(np.nonzero(fixed_levels[-1].data > np.percentile(fixed_levels[-1].data, 50)), axis=1))
+        start = initial_transform(pyramid.downsample(moving, spacings[-1]), finest_fixed, init)
+    pts_fine = lvls[-1].samples.points
     radius = float(np.sqrt(np.mean(np.sum((pts_fine - centre) ** 2, axis=1)))) if len(pts_fine) else 50.0
-    scales = mdl.scales(max(radius, 10.0))
+    radius = max(radius, 10.0)
 
+    def objective(level, mdl):
+        return _Objective(level.samples, level.moving, mdl, metric_fn, centre, mdl.scales(radius))
+
+    first = objective(lvls[0], stage_models[0])
+    p0 = stage_models[0].from_matrix(start, centre)
+    value0, ev0, _ = first.metric_at(p0)
+    if ev0.n_valid < first.min_valid:
+        raise RegistrationError(
+            f"the images do not overlap at the start ({ev0.n_valid} of {len(first.samples.points)} fixed sample "
+            f"points fall inside the moving image{' mask' if moving_mask is not None else ''}); "
+            "check the headers, or use --init com / --search full")
+
+    matrix = start
     reports = []
-    objectives = []
-    for spacing, flev, mlev in zip(spacings, fixed_levels, moving_levels):
-        tl = time.perf_counter()
-        pts, vals = pyramid.sample_grid(flev, sampling, rng)
-        samples = histogram.make_samples(pts, vals, bins)
-        moving_level = histogram.make_moving_level(mlev, bins)
-        obj = _Objective(samples, moving_level, mdl, metric_fn, centre, scales)
-        objectives.append(obj)
-        start_value, ev, _ = obj.metric_at(params)
-        if ev.n_valid < obj.min_valid:
-            raise RegistrationError(
-                f"the images do not overlap at the start ({ev.n_valid} of {len(pts)} fixed sample points fall "
-                f"inside the moving image); check the headers or use --init com")
-        res = sopt.minimize(obj, params / scales, jac=True, method="L-BFGS-B",
-                            options={"maxiter": max_iter, "ftol": 1e-9, "gtol": 1e-6, "maxcor": 10})
-        if not np.all(np.isfinite(res.x)):
-            raise RegistrationError(f"optimiser diverged at level {spacing:g} mm")
-        new_params = res.x * scales
-        end_value = -float(res.fun)
-        if end_value < start_value:  # never accept a worse solution
-            new_params, end_value = params, start_value
-        params = new_params
-        reports.append(LevelReport(float(spacing), len(pts), int(res.nit), obj.evaluations, float(start_value),
-                                   end_value, str(res.message), time.perf_counter() - tl))
-        say(f"level {spacing:g} mm: {len(pts)} points, {res.nit} iterations, {metric} "
-            f"{start_value:.4f} -> {end_value:.4f}")
+    search_report = None
+    for si, mdl in enumerate(stage_models):
+        params = mdl.from_matrix(matrix, centre)
+        for li, level in enumerate(lvls):
+            tl = time.perf_counter()
+            obj = objective(level, mdl)
+            start_value = obj.metric_at(params)[0]
+            if si == 0 and li == 0 and search != "none" and mdl.name == "rigid":
+                finer = objective(lvls[min(1, len(lvls) - 1)], mdl)
+                params, search_report = global_search(obj, finer, params, _refine, mode=search, radius_mm=radius)
+                say(f"search: {search_report.evaluated} poses; chose the {search_report.chosen} pose "
+                    f"({search_report.rotation_deg:.1f} deg from the start; {metric} "
+                    f"{search_report.start_metric:.4f} for the start, {search_report.best_metric:.4f} chosen), "
+                    f"{search_report.seconds:.2f} s")
+            params, end_value, res = _lbfgs(obj, params, max_iter)
+            reports.append(LevelReport(mdl.name, level.spacing, len(level.samples.points), int(res.nit),
+                                       obj.evaluations, float(start_value), end_value, str(res.message),
+                                       time.perf_counter() - tl))
+            say(f"{mdl.name} level {level.spacing:g} mm: {len(level.samples.points)} points, {res.nit} "
+                f"iterations, {metric} {start_value:.4f} -> {end_value:.4f}")
+        matrix = mdl.matrix(params, centre)
 
-    finest = objectives[-1]
-    before = finest.metric_at(mdl.from_matrix(start, centre))[0]
-    after = reports[-1].metric_end
+    finest = objective(lvls[-1], stage_models[0])
+    before = finest.metric_at(stage_models[0].from_matrix(start, centre))[0]
     return Result(
-        fixed2moving=mdl.matrix(params, centre), init_fixed2moving=start, model=mdl.name, params=params,
-        centre=centre, metric=metric, metric_before=float(before), metric_after=float(after),
+        fixed2moving=matrix, init_fixed2moving=start, model=final.name, params=params, centre=centre,
+        metric=metric, metric_before=float(before), metric_after=float(reports[-1].metric_end),
         levels=tuple(reports), seconds=time.perf_counter() - t0, init=init,
+        stages=tuple(m.name for m in stage_models), search=search_report,
         settings={"bins": bins, "sampling": sampling, "levels": len(spacings), "spacings_mm": spacings,
-                  "seed": seed, "max_iter": max_iter},
+                  "seed": seed, "max_iter": max_iter, "search": search, "auto_mask": auto_mask,
+                  "fixed_mask": None if fixed_mask is None else fixed_mask.name,
+                  "moving_mask": None if moving_mask is None else moving_mask.name},
     )

@@ -113,13 +113,63 @@ def _rigid_dmatrix(p, centre):
 
 def _rigid_from_matrix(m, centre):
     """Closest rigid parameters to the 4x4 ``m`` (rotation by polar decomposition)."""
-    u, _, vt = np.linalg.svd(m[:3, :3])
+    trans = m[:3, 3] + m[:3, :3] @ centre - centre
+    return np.concatenate([rotation_to_euler(_polar_rotation(m[:3, :3])), trans])
+
+
+# --- similarity: rigid + isotropic scale s = exp(p[6]) --------------------------------------------
+
+def _polar_rotation(lin):
+    u, _, vt = np.linalg.svd(lin)
     rot = u @ vt
     if np.linalg.det(rot) < 0:
         u[:, -1] *= -1
         rot = u @ vt
-    trans = m[:3, 3] + m[:3, :3] @ centre - centre
-    return np.concatenate([rotation_to_euler(rot), trans])
+    return rot
+
+
+def _similarity_matrix(p, centre):
+    return _homogeneous(np.exp(p[6]) * euler_to_rotation(p[:3]), centre, p[3:6])
+
+
+def _similarity_dmatrix(p, centre):
+    s = np.exp(p[6])
+    d = np.zeros((7, 3, 4))
+    d[:6] = _rigid_dmatrix(p[:6], centre)
+    d[:3] *= s
+    lin = s * euler_to_rotation(p[:3])
+    d[6, :, :3] = lin
+    d[6, :, 3] = -lin @ centre
+    return d
+
+
+def _similarity_from_matrix(m, centre):
+    lin = m[:3, :3]
+    det = np.linalg.det(lin)
+    s = np.cbrt(det) if det > 0 else 1.0
+    trans = m[:3, 3] + lin @ centre - centre
+    return np.concatenate([rotation_to_euler(_polar_rotation(lin / s)), trans, [np.log(s)]])
+
+
+# --- affine: linear part I + A (9 entries, row-major), translation -------------------------------
+
+def _affine_matrix(p, centre):
+    return _homogeneous(np.eye(3) + p[:9].reshape(3, 3), centre, p[9:12])
+
+
+def _affine_dmatrix(p, centre):
+    d = np.zeros((12, 3, 4))
+    for a in range(3):
+        for b in range(3):
+            d[3 * a + b, a, b] = 1.0
+            d[3 * a + b, a, 3] = -centre[b]
+        d[9 + a, a, 3] = 1.0
+    return d
+
+
+def _affine_from_matrix(m, centre):
+    lin = m[:3, :3]
+    return np.concatenate([(lin - np.eye(3)).ravel(), m[:3, 3] + lin @ centre - centre])
 
 
 @dataclass(frozen=True)
@@ -135,7 +185,10 @@ class TransformModel:
     from_matrix : callable(m (4, 4), centre (3,)) -> (P,)
         Parameters of (the closest member of the family to) a matrix.
     kinds : tuple of str
-        Per parameter: 'rot' (radians), 'trans' (mm), 'lin' (dimensionless matrix entries).
+        Per parameter: 'rot' (radians), 'trans' (mm), 'lin' (dimensionless matrix entries or
+        log-scale).
+    stages : tuple of str
+        Models run before this one, each starting from the last (``affine``: rigid, then affine).
     """
 
     name: str
@@ -144,6 +197,7 @@ class TransformModel:
     dmatrix: Callable
     from_matrix: Callable
     kinds: tuple
+    stages: tuple = ()
 
     def scales(self, radius_mm: float) -> np.ndarray:
         """Per-parameter scale so one optimiser unit moves points about 1 mm at ``radius_mm``."""
@@ -156,6 +210,11 @@ MODELS = {
                                   _translation_from_matrix, ("trans",) * 3),
     "rigid": TransformModel("rigid", 6, _rigid_matrix, _rigid_dmatrix, _rigid_from_matrix,
                             ("rot",) * 3 + ("trans",) * 3),
+    "similarity": TransformModel("similarity", 7, _similarity_matrix, _similarity_dmatrix,
+                                 _similarity_from_matrix, ("rot",) * 3 + ("trans",) * 3 + ("lin",),
+                                 stages=("rigid",)),
+    "affine": TransformModel("affine", 12, _affine_matrix, _affine_dmatrix, _affine_from_matrix,
+                             ("lin",) * 9 + ("trans",) * 3, stages=("rigid",)),
 }
 
 

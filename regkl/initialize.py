@@ -1,0 +1,152 @@
+"""Starting transforms: centres of mass, geometry, headers, and a global rotation search."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+from .transforms import get_model
+from .volume import Volume
+
+INITS = ("com", "geometry", "header")
+SEARCH_MODES = ("none", "auto", "full")
+
+
+def initial_transform(moving: Volume, fixed: Volume, how: str) -> np.ndarray:
+    """Starting fixed-to-moving matrix: 'com' (centres of mass), 'geometry' (grid centres) or
+    'header' (identity: trust the headers)."""
+    if how == "header":
+        return np.eye(4)
+    if how == "com":
+        shift = moving.centre_of_mass() - fixed.centre_of_mass()
+    elif how == "geometry":
+        shift = moving.centre - fixed.centre
+    else:
+        raise InputError(f"unknown initialisation {how!r}; choose one of {', '.join(INITS)}")
+    m = np.eye(4)
+    m[:3, 3] = shift
+    return m
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    """What the global search did."""
+
+    evaluated: int
+    refined: int
+    chosen: str          # 'start' or 'search'
+    start_metric: float
+    best_metric: float
+    rotation_deg: float  # angle of the chosen pose's rotation relative to the start
+    seconds: float
+
+
+def rotation_grid(max_deg: float = 90.0, step_deg: float = 30.0) -> np.ndarray:
+    """(K, 3) Euler angle triples (radians) on a regular grid in [-max, max] per axis."""
+    axis = np.deg2rad(np.arange(-max_deg, max_deg + 1e-9, step_deg))
+    return np.array(list(itertools.product(axis, axis, axis)))
+
+
+def translation_offsets(extent_mm: float) -> np.ndarray:
+    """(7, 3) offsets: none, and +-extent along each axis."""
+    offs = [np.zeros(3)]
+    for a in range(3):
+        for sgn in (-1.0, 1.0):
+            o = np.zeros(3)
+            o[a] = sgn * extent_mm
+            offs.append(o)
+    return np.array(offs)
+
+
+def _distinct(candidates, min_mm, radius):
+    """Drop candidates within ``min_mm`` (rotation at ``radius`` + translation) of a better one."""
+    kept = []
+    for value, p in candidates:
+        close = any(np.linalg.norm((p[:3] - q[:3]) * radius) + np.linalg.norm(p[3:6] - q[3:6]) < min_mm
+                    for _, q in kept)
+        if not close:
+            kept.append((value, p))
+    return kept
+
+
+def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str = "auto", keep: int = 4,
+                  margin: float = 0.01, max_deg: float = 90.0, step_deg: float = 30.0,
+                  shift_mm: float = 20.0, radius_mm: float = 60.0):
+    """Search rotations (and translations) for the best starting pose of a rigid registration.
+
+    1. Rotations on a grid about the rotation centre (the start's translation kept), scored at the
+       coarsest level; translation offsets tried around the best rotations.
+    2. The ``keep`` best distinct poses and the start are refined at the coarsest level.
+    3. Those that beat the start there are refined again, with the start, at the next finer
+       level (``finer``) and the best there wins: the
+       coarsest level alone can prefer a wrong pose (seen at 12 mm on real data: a 107 degree
+       rotation scored 3 % higher there and clearly lower at every finer level). In ``auto`` mode a
+       searched pose replaces the start only when its metric is higher by more than ``margin``
+       (relative), so a good start is never traded for a look-alike.
+
+    Parameters
+    ----------
+    coarse, finer : regkl.optimize._Objective
+        Objectives of the rigid model at the coarsest and next level (``finer`` may be ``coarse``).
+    start_params : ndarray (6,)
+        Rigid parameters of the start.
+    refine : callable(objective, params, max_iter) -> (params, value)
+        Local optimisation.
+    mode : {'auto', 'full'}
+
+    Returns
+    -------
+    params : ndarray (6,)
+        Best pose after refinement at the coarsest level (run the level's optimisation from it).
+    report : SearchReport
+    """
+    import time
+
+    t0 = time.perf_counter()
+    if coarse.model.name != "rigid":
+        raise InputError("the global search works on the rigid stage")
+
+    def value(p):
+        return coarse.metric_at(p)[0]
+
+    rotations = []
+    for angles in rotation_grid(max_deg, step_deg):
+        p = start_params.copy()
+        p[:3] = angles + start_params[:3]
+        rotations.append((value(p), p))
+    rotations.sort(key=lambda c: -c[0])
+    shifted = []
+    for _, p in rotations[:keep * 2]:
+        for off in translation_offsets(shift_mm):
+            q = p.copy()
+            q[3:6] = p[3:6] + off
+            shifted.append((value(q), q))
+    evaluated = len(rotations) + len(shifted)
+    shifted.sort(key=lambda c: -c[0])
+    seeds = [p for _, p in _distinct(shifted, 10.0, radius_mm)[:keep]]
+    refined = [refine(coarse, p, 30) for p in [start_params] + seeds]
+    start_coarse = refined[0][1]
+    # only poses that beat the start at the coarsest level go on to the finer check
+    contenders = [(0.0, refined[0][0])] + [(0.0, q) for q, v in refined[1:] if v > start_coarse]
+    candidates = _distinct(contenders, 2.0, radius_mm)
+    if len(candidates) == 1:
+        scored = [(candidates[0][1], start_coarse)]
+    else:
+        scored = [refine(finer, p, 20) for _, p in candidates]
+    start_value = scored[0][1]
+    best = 0
+    for i, (_, v) in enumerate(scored[1:], start=1):
+        threshold = start_value * (1.0 + margin) if mode == "auto" else start_value
+        if v > threshold and v > scored[best][1]:
+            best = i
+    chosen = "start" if best == 0 else "search"
+    best_params = candidates[best][1]
+    model = get_model("rigid")
+    rot = model.matrix(best_params, np.zeros(3))[:3, :3] @ model.matrix(start_params, np.zeros(3))[:3, :3].T
+    angle = np.rad2deg(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1, 1)))
+    report = SearchReport(evaluated, len(candidates), chosen, float(start_value), float(scored[best][1]),
+                          float(angle), time.perf_counter() - t0)
+    return best_params, report
