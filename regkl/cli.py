@@ -61,14 +61,29 @@ def cli(debug):
 @click.option("--transform-out", type=click.Path(dir_okay=False),
               help="ITK text transform (.tfm/.txt; LPS, fixed->moving) for SimpleITK/antsApplyTransforms.")
 @click.option("--matrix-out", type=click.Path(dir_okay=False), help="4x4 RAS+ fixed->moving matrix (text).")
-@click.option("--model", default="rigid", show_default=True, help="Transform model: rigid, translation.")
-@click.option("--metric", default="mi", show_default=True, help="Similarity metric: mi.")
+@click.option("--model", default="rigid", show_default=True,
+              help="Transform model: translation, rigid, similarity (rigid + scale), affine; similarity and "
+                   "affine run a rigid stage first.")
+@click.option("--metric", default="mi", show_default=True,
+              help="Similarity metric: mi (mutual information), nmi (normalised MI), cr (correlation ratio), "
+                   "jsd (Jensen-Shannon), kl (KL divergence to a learned prior; needs --prior).")
+@click.option("--prior", type=click.Path(dir_okay=False), help="Prior joint histogram for --metric kl "
+              "(from regkl learn-prior).")
 @click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins.")
 @click.option("--sampling", default=0.5, show_default=True, type=float,
               help="Fraction of fixed grid points used at each level (regular grid, seeded jitter).")
 @click.option("--levels", type=int, default=None, help="Pyramid levels [default: from voxel sizes].")
 @click.option("--init", "init", type=click.Choice(["com", "geometry", "header"]), default="com",
               show_default=True, help="Start: align centres of mass, grid centres, or trust the headers.")
+@click.option("--search", type=click.Choice(["none", "auto", "full"]), default="auto", show_default=True,
+              help="Global rotation/translation search at the coarsest level (rotations up to 90 degrees); "
+                   "auto keeps the start unless a searched pose is clearly better.")
+@click.option("--fixed-mask", type=click.Path(dir_okay=False), help="Only fixed-image points inside this mask "
+              "(any grid) count.")
+@click.option("--moving-mask", type=click.Path(dir_okay=False), help="Only points mapping inside this mask "
+              "(any grid, on the moving image's world) count.")
+@click.option("--auto-mask", is_flag=True, help="Build head/brain masks from the images where no mask is given "
+              "(neck, eyes and background then do not steer the result).")
 @click.option("--moving-volume", default="mean", show_default=True,
               help="4D moving image reduced by mean, median or a volume index N (0-based).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear",
@@ -79,8 +94,9 @@ def cli(debug):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def register(moving, fixed, output, transform_out, matrix_out, model, metric, bins, sampling, levels, init,
-             moving_volume, interp, seed, max_iter, threads, as_json, quiet, debug):
+def register(moving, fixed, output, transform_out, matrix_out, model, metric, prior, bins, sampling, levels, init,
+             search, fixed_mask, moving_mask, auto_mask, moving_volume, interp, seed, max_iter, threads, as_json,
+             quiet, debug):
     """Register MOVING (e.g. an EPI, 3D or 4D) to FIXED (e.g. a T1).
 
     Writes the moving image resampled on the fixed grid (-o), the transform as an ITK file
@@ -94,23 +110,22 @@ def register(moving, fixed, output, transform_out, matrix_out, model, metric, bi
 
     t0 = time.perf_counter()
     say = _log(quiet)
-    if threads is not None:
-        import numba
-
-        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
-            raise click.BadParameter(f"must be 1..{numba.config.NUMBA_NUM_THREADS}", param_hint="--threads")
-        numba.set_num_threads(threads)
+    _set_threads(threads)
+    prior_table = _load_prior(metric, prior, bins)
     inputs = (moving, fixed)
     for out in (output, transform_out, matrix_out):
         _check_output(out, inputs)
     warm = _warm_kernels_in_background()
     fixed_vol = load_volume(fixed, volume="mean")
     moving_vol = load_volume(moving, volume=_volume_option(moving_volume))
+    fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask)
+    moving_mask_vol = None if moving_mask is None else load_volume(moving_mask)
     warm.join()
     if moving_vol.note:
         say(f"moving reference: {moving_vol.note}")
-    result = run_register(moving_vol, fixed_vol, model=model, metric=metric, bins=bins, sampling=sampling,
-                          levels=levels, init=init, seed=seed, max_iter=max_iter, log=say)
+    result = run_register(moving_vol, fixed_vol, model=model, metric=metric, prior=prior_table, bins=bins,
+                          sampling=sampling, levels=levels, init=init, search=search, fixed_mask=fixed_mask_vol,
+                          moving_mask=moving_mask_vol, auto_mask=auto_mask, seed=seed, max_iter=max_iter, log=say)
     if transform_out:
         save_transform(transform_out, result.fixed2moving, "itk", protect=inputs)
     if matrix_out:
@@ -126,6 +141,34 @@ def register(moving, fixed, output, transform_out, matrix_out, model, metric, bi
     else:
         for row in result.fixed2moving:
             click.echo(" ".join(f"{v: .8f}" for v in row))
+
+
+def _set_threads(threads):
+    if threads is None:
+        return
+    import numba
+
+    if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        raise click.BadParameter(f"must be 1..{numba.config.NUMBA_NUM_THREADS}", param_hint="--threads")
+    numba.set_num_threads(threads)
+
+
+def _load_prior(metric, prior, bins):
+    """The prior table for --metric kl (checked against --bins), or None."""
+    from .errors import InputError
+    from .metrics import PRIOR_METRICS, load_prior
+
+    if metric in PRIOR_METRICS:
+        if prior is None:
+            raise InputError(f"--metric {metric} needs --prior FILE (make one with: regkl learn-prior)")
+        table, _ = load_prior(prior)
+        if table.shape != (bins, bins):
+            raise InputError(f"prior has {table.shape[0]}x{table.shape[1]} bins but --bins is {bins}; "
+                             f"use --bins {table.shape[0]}", path=prior)
+        return table
+    if prior is not None:
+        raise InputError(f"--prior is only used with --metric kl, not {metric}")
+    return None
 
 
 def _warm_kernels_in_background():
@@ -161,17 +204,142 @@ def summary(result, moving, fixed, output, transform_out, matrix_out, seconds) -
         "regkl_version": __version__,
         "moving": moving.name, "moving_reference": moving.note or "3D volume", "fixed": fixed.name,
         "output": output, "transform_itk": transform_out, "matrix_ras": matrix_out,
-        "model": result.model, "metric": result.metric, "init": result.init,
+        "model": result.model, "stages": list(result.stages), "metric": result.metric, "init": result.init,
+        "search": None if result.search is None else {
+            "chosen": result.search.chosen, "poses_evaluated": result.search.evaluated,
+            "start_metric": result.search.start_metric, "best_metric": result.search.best_metric,
+            "rotation_from_start_deg": result.search.rotation_deg, "seconds": round(result.search.seconds, 4)},
         "metric_before": result.metric_before, "metric_after": result.metric_after,
         "parameters": {"values": params.tolist(), "centre_ras_mm": np.asarray(result.centre).tolist(), **named},
         "fixed2moving_ras": np.asarray(result.fixed2moving).tolist(),
-        "levels": [{"spacing_mm": lv.spacing_mm, "points": lv.n_points, "iterations": lv.iterations,
+        "levels": [{"stage": lv.stage, "spacing_mm": lv.spacing_mm, "points": lv.n_points, "iterations": lv.iterations,
                     "evaluations": lv.evaluations, "metric_start": lv.metric_start, "metric_end": lv.metric_end,
                     "stop": lv.stop_reason, "seconds": round(lv.seconds, 4)} for lv in result.levels],
         "settings": result.settings,
         "registration_seconds": round(result.seconds, 4),
         "total_seconds": round(seconds, 4),
     }
+
+
+@cli.command("learn-prior")
+@click.argument("pairs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Prior file (.npz).")
+@click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins (use the same to register).")
+@click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def learn_prior_cmd(pairs, output, bins, moving_volume, as_json, quiet, debug):
+    """Learn the expected joint histogram of ALIGNED pairs, for --metric kl.
+
+    Each PAIR is MOVING,FIXED (the headers already align them) or MOVING,FIXED,TRANSFORM (an ITK
+    or RAS transform file that aligns them, fixed->moving, e.g. from regkl register).
+
+    \b
+    Example:
+      regkl learn-prior s1_bold.nii.gz,s1_T1w.nii.gz s2_bold.nii.gz,s2_T1w.nii.gz,s2.tfm -o prior.npz
+      regkl register s3_bold.nii.gz s3_T1w.nii.gz --metric kl --prior prior.npz -o out.nii.gz
+    """
+    from .errors import InputError
+    from .io import load_volume
+    from .metrics import save_prior
+    from .optimize import learn_prior
+    from .xfm import load_transform
+
+    say = _log(quiet)
+    loaded = []
+    for pair in pairs:
+        parts = pair.split(",")
+        if len(parts) not in (2, 3):
+            raise InputError(f"a pair is MOVING,FIXED or MOVING,FIXED,TRANSFORM, got {pair!r}")
+        moving, fixed = load_volume(parts[0], volume=_volume_option(moving_volume)), load_volume(parts[1])
+        loaded.append((moving, fixed, load_transform(parts[2]) if len(parts) == 3 else None))
+        say(f"pair {len(loaded)}: {parts[0]} -> {parts[1]}")
+    prior = learn_prior(loaded, bins=bins)
+    meta = {"pairs": list(pairs), "regkl_version": __version__}
+    save_prior(output, prior, bins=bins, meta=meta)
+    if as_json:
+        click.echo(json.dumps({"output": output, "bins": bins, "pairs": len(loaded)}))
+
+
+@cli.command("metric")
+@click.argument("moving", type=click.Path(dir_okay=True))
+@click.argument("fixed", type=click.Path(dir_okay=True))
+@click.option("--metric", "metric_names", default="mi", show_default=True,
+              help="Metric name, or several separated by commas (mi, nmi, cr, jsd, kl).")
+@click.option("--transform", type=click.Path(dir_okay=False), help="Transform to apply first (fixed->moving; "
+              "ITK or RAS file); default: the headers as they are.")
+@click.option("--prior", type=click.Path(dir_okay=False), help="Prior for kl.")
+@click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins.")
+@click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of one line per metric.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def metric_cmd(moving, fixed, metric_names, transform, prior, bins, moving_volume, as_json, debug):
+    """Similarity of MOVING and FIXED in world space (higher is more similar).
+
+    Prints one line per metric: NAME VALUE (and the overlap fraction), or JSON with --json.
+    """
+    from .io import load_volume
+    from .optimize import evaluate_metric
+    from .xfm import load_transform
+
+    names = [n.strip() for n in metric_names.split(",") if n.strip()]
+    fixed_vol = load_volume(fixed)
+    moving_vol = load_volume(moving, volume=_volume_option(moving_volume))
+    m = None if transform is None else load_transform(transform)
+    out = {}
+    for name in names:
+        value, overlap = evaluate_metric(moving_vol, fixed_vol, m, metric=name, bins=bins,
+                                         prior=_load_prior(name, prior if name == "kl" else None, bins))
+        out[name] = value
+    if as_json:
+        click.echo(json.dumps({"moving": moving, "fixed": fixed, "transform": transform, "overlap": overlap,
+                               "metrics": out}))
+    else:
+        for name, value in out.items():
+            click.echo(f"{name}\t{value:.6f}")
+        click.echo(f"overlap\t{overlap:.4f}")
+
+
+@cli.command("stats")
+@click.argument("image", type=click.Path(dir_okay=True))
+@click.option("--bins", default=64, show_default=True, type=int, help="Histogram bins.")
+@click.option("--mask", type=click.Path(dir_okay=False), help="Only voxels inside this mask (same grid).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of one line per value.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def stats_cmd(image, bins, mask, as_json, debug):
+    """Intensity entropy of IMAGE and the KL divergence of its histogram from uniform (contrast).
+
+    One 'name<TAB>value' line each, or JSON with --json.
+    """
+    from .io import load_volume
+    from .stats import image_stats
+
+    vol = load_volume(image)
+    mask_data = None
+    if mask is not None:
+        from .errors import InputError
+
+        mvol = load_volume(mask)
+        if mvol.shape != vol.shape:
+            raise InputError(f"mask shape {mvol.shape} differs from the image's {vol.shape}", path=mask)
+        mask_data = mvol.data > 0
+    result = image_stats(vol, bins=bins, mask=mask_data)
+    if as_json:
+        click.echo(json.dumps({"image": image, **result}, default=_jsonable))
+    else:
+        for key, value in result.items():
+            click.echo(f"{key}\t{_jsonable(value) if not isinstance(value, (int, float, str)) else value}")
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def main(argv=None):
