@@ -118,8 +118,8 @@ def register(moving, fixed, output, transform_out, matrix_out, model, metric, pr
     warm = _warm_kernels_in_background()
     fixed_vol = load_volume(fixed, volume="mean")
     moving_vol = load_volume(moving, volume=_volume_option(moving_volume))
-    fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask)
-    moving_mask_vol = None if moving_mask is None else load_volume(moving_mask)
+    fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask, allow_constant=True)
+    moving_mask_vol = None if moving_mask is None else load_volume(moving_mask, allow_constant=True)
     warm.join()
     if moving_vol.note:
         say(f"moving reference: {moving_vol.note}")
@@ -320,7 +320,7 @@ def stats_cmd(image, bins, mask, as_json, debug):
     if mask is not None:
         from .errors import InputError
 
-        mvol = load_volume(mask)
+        mvol = load_volume(mask, allow_constant=True)
         if mvol.shape != vol.shape:
             raise InputError(f"mask shape {mvol.shape} differs from the image's {vol.shape}", path=mask)
         mask_data = mvol.data > 0

@@ -44,7 +44,7 @@ def _reduce_4d(data: np.ndarray, how, path: str):
     raise InputError(f"--moving-volume must be mean, median or a volume index, got {how!r}", path=path)
 
 
-def _finish(data: np.ndarray, vox2ras: np.ndarray, path: str, volume, header=None) -> Volume:
+def _finish(data: np.ndarray, vox2ras: np.ndarray, path: str, volume, header=None, allow_constant=False) -> Volume:
     """Squeeze trailing singleton axes, reduce 4D, clean non-finite values, build the Volume."""
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -68,13 +68,13 @@ def _finish(data: np.ndarray, vox2ras: np.ndarray, path: str, volume, header=Non
             raise InputError(f"{n_bad} of {data.size} voxels are NaN or infinite", path=path)
         warnings.warn(f"{path}: {n_bad} NaN/infinite voxels set to 0")
         data = np.where(finite, data, 0.0).astype(np.float32)
-    if float(data.max()) == float(data.min()):
+    if not allow_constant and float(data.max()) == float(data.min()):
         raise InputError(f"image is constant (every voxel is {float(data.min()):g})", path=path)
     vox2ras = check_vox2ras(vox2ras, name="voxel-to-world matrix", path=path)
     return Volume(data, vox2ras, path, note, header)
 
 
-def _load_nifti(path: Path, volume) -> Volume:
+def _load_nifti(path: Path, volume, allow_constant=False) -> Volume:
     import nibabel as nib
 
     try:
@@ -85,10 +85,10 @@ def _load_nifti(path: Path, volume) -> Volume:
         raise InputError(f"cannot read as NIfTI: {_short(exc)}") from exc
     if vox2ras is None:
         raise InputError("image has no voxel-to-world matrix", path=path)
-    return _finish(data, vox2ras, str(path), volume, header=img.header.copy())
+    return _finish(data, vox2ras, str(path), volume, header=img.header.copy(), allow_constant=allow_constant)
 
 
-def _load_sitk(path: Path, volume) -> Volume:
+def _load_sitk(path: Path, volume, allow_constant=False) -> Volume:
     import SimpleITK as sitk
 
     try:
@@ -105,7 +105,7 @@ def _load_sitk(path: Path, volume) -> Volume:
         raise
     except Exception as exc:
         raise InputError(f"not an image SimpleITK can read: {_short(exc)}") from exc
-    return _finish(*sitk_to_array(img), str(path), volume)
+    return _finish(*sitk_to_array(img), str(path), volume, allow_constant=allow_constant)
 
 
 def sitk_to_array(img):
@@ -148,7 +148,7 @@ def _short(exc: Exception) -> str:
     return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
 
 
-def load_volume(path, *, volume="mean") -> Volume:
+def load_volume(path, *, volume="mean", allow_constant: bool = False) -> Volume:
     """Read a 3D or 4D image as a RAS+ :class:`Volume`.
 
     Parameters
@@ -157,6 +157,8 @@ def load_volume(path, *, volume="mean") -> Volume:
         NIfTI-1/2 (``.nii``, ``.nii.gz``), any format SimpleITK reads, or a DICOM series folder.
     volume : {'mean', 'median'} or int
         How a 4D series is reduced to one reference volume.
+    allow_constant : bool
+        Accept an image with a single value (masks); images to register must have contrast.
 
     Raises
     ------
@@ -171,8 +173,8 @@ def load_volume(path, *, volume="mean") -> Volume:
     if p.is_file() and p.stat().st_size == 0:
         raise InputError("file is empty", path=p)
     if p.is_dir() or not _is_nifti(p):
-        return _load_sitk(p, volume)
-    return _load_nifti(p, volume)
+        return _load_sitk(p, volume, allow_constant)
+    return _load_nifti(p, volume, allow_constant)
 
 
 @contextlib.contextmanager

@@ -105,3 +105,46 @@ def test_same_seed_same_result_and_other_seed_close(real_pair):
     assert np.array_equal(a, b)
     pts = fixed.world_coords(np.argwhere(fixed.data[::4, ::4, ::4] > np.percentile(fixed.data, 60)) * 4.0)
     assert rms_displacement(a, c, pts) < 0.3
+
+
+def test_metric_stats_and_learn_prior_commands(tmp_path, capsys, real_pair_paths):
+    moving, fixed = real_pair_paths
+    code, out, _ = run(["stats", fixed, "--json"], capsys)
+    stats = json.loads(out)
+    assert code == 0 and 0 < stats["kl_from_uniform_nats"] < np.log(64)
+    code, out, _ = run(["metric", moving, fixed, "--metric", "mi,nmi,cr,jsd"], capsys)
+    values = dict(line.split("\t") for line in out.strip().splitlines())
+    assert code == 0 and set(values) == {"mi", "nmi", "cr", "jsd", "overlap"}
+    assert float(values["nmi"]) > 1.0 and 0 < float(values["overlap"]) <= 1.0
+    prior = tmp_path / "prior.npz"
+    code, _, _ = run(["learn-prior", f"{moving},{fixed}", "-o", prior], capsys)
+    assert code == 0 and prior.exists()
+    code, out, _ = run(["metric", moving, fixed, "--metric", "kl", "--prior", prior, "--json"], capsys)
+    assert code == 0 and abs(json.loads(out)["metrics"]["kl"]) < 1e-6  # the prior IS this pair
+    code, _, err = run(["register", moving, fixed, "--metric", "kl", "--prior", prior, "--bins", "32"], capsys)
+    assert code == 2 and "--bins 24" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--metric", "kl"], "needs --prior"),
+    (["--metric", "mi", "--prior", "p.npz"], "only used with --metric kl"),
+    (["--metric", "bogus"], "choose one of"),
+    (["--model", "bogus"], "choose one of"),
+])
+def test_metric_and_model_usage_errors(capsys, real_pair_paths, argv, message):
+    moving, fixed = real_pair_paths
+    code, out, err = run(["register", moving, fixed] + argv, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_masks_from_cli_and_empty_mask_error(tmp_path, capsys, real_pair_paths):
+    moving, fixed = real_pair_paths
+    img = nib.load(str(fixed))
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), str(tmp_path / "zeros.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones(img.shape, np.uint8), img.affine), str(tmp_path / "ones.nii.gz"))
+    code, _, err = run(["register", moving, fixed, "--fixed-mask", tmp_path / "zeros.nii.gz"], capsys)
+    assert code == 2 and "fixed mask is empty" in err and "zeros.nii.gz" in err
+    code, _, err = run(["register", moving, fixed, "--fixed-mask", tmp_path / "ones.nii.gz", "-q"], capsys)
+    assert code == 0, err
+    code, out, err = run(["register", moving, fixed, "--auto-mask", "--json"], capsys)
+    assert code == 0 and json.loads(out)["settings"]["auto_mask"] is True
