@@ -177,6 +177,55 @@ def load_volume(path, *, volume="mean", allow_constant: bool = False) -> Volume:
     return _load_nifti(p, volume, allow_constant)
 
 
+def load_series(path):
+    """Read an image without reducing it: (list of 3D Volumes, 4D NIfTI header or None).
+
+    A 3D image gives a one-element list. Used to resample every volume of a 4D series.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file or folder", path=p)
+    if p.is_file() and _is_nifti(p):
+        import nibabel as nib
+
+        try:
+            img = nib.load(str(p))
+            data = np.asanyarray(img.dataobj)
+        except Exception as exc:
+            raise InputError(f"cannot read as NIfTI: {_short(exc)}") from exc
+        header = img.header.copy()
+        vox2ras = img.affine
+    else:
+        import SimpleITK as sitk
+
+        try:
+            data, vox2ras = sitk_to_array(sitk.ReadImage(str(p)))
+        except RuntimeError as exc:
+            raise InputError(f"not an image SimpleITK can read: {_short(exc)}") from exc
+        header = None
+    while data.ndim > 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 3:
+        return [_finish(data, vox2ras, str(p), "mean", header=header, allow_constant=True)], header
+    if data.ndim != 4:
+        raise InputError(f"expected a 3D or 4D image, got shape {data.shape}", path=p)
+    vols = [_finish(np.asarray(data[..., t]), vox2ras, str(p), "mean", header=header, allow_constant=True)
+            for t in range(data.shape[3])]
+    return vols, header
+
+
+#: Name pattern of the temporary files :func:`atomic_path` creates (".NAME.XXXXXXXX.tmpSUFFIX").
+TEMP_PATTERN = r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?$"
+
+
+def stale_temp_files(folder) -> list:
+    """Temporary files left in ``folder`` (recursively) by a run that was killed mid-write."""
+    import re
+
+    rx = re.compile(TEMP_PATTERN)
+    return sorted(p for p in Path(folder).rglob(".*") if p.is_file() and rx.match(p.name))
+
+
 @contextlib.contextmanager
 def atomic_path(path, *, protect=()):
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
@@ -246,6 +295,41 @@ def write_gzip_parallel(raw: bytes, path, *, level: int = 1, threads: int | None
                 fh.write(member)
 
 
+def save_array(data: np.ndarray, vox2ras: np.ndarray, path, *, like: Volume | None = None, protect=(),
+               dtype=np.float32, zooms_t: float | None = None) -> None:
+    """Write a 3D or 4D array on a grid atomically (see :func:`save_volume`); 4D only as NIfTI."""
+    dest = Path(path)
+    if data.ndim == 3:
+        save_volume(Volume(data, vox2ras), dest, like=like, protect=protect, dtype=dtype)
+        return
+    if not _is_nifti(dest):
+        raise OutputError("a 4D output must be NIfTI (.nii or .nii.gz)", path=dest)
+    _save_nifti(np.asarray(data).astype(dtype, copy=False), vox2ras, dest, like, protect, dtype, zooms_t)
+
+
+def _save_nifti(data, vox2ras, dest, like, protect, dtype, zooms_t=None):
+    import nibabel as nib
+
+    with atomic_path(dest, protect=protect) as tmp:
+        header = getattr(like, "header", None)
+        cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        header = header.copy() if isinstance(header, nib.Nifti1Header) else None
+        img = cls(data, vox2ras, header=header)
+        img.header.set_data_dtype(dtype)
+        img.header["scl_slope"] = 1.0
+        img.header["scl_inter"] = 0.0
+        if data.ndim == 4 and zooms_t is not None:
+            img.header.set_zooms(tuple(img.header.get_zooms()[:3]) + (float(zooms_t),))
+        sform_code = int(header["sform_code"]) if header is not None and header["sform_code"] > 0 else 2
+        qform_code = int(header["qform_code"]) if header is not None and header["qform_code"] > 0 else 2
+        img.set_sform(vox2ras, sform_code)
+        img.set_qform(vox2ras, qform_code)
+        if dest.name.lower().endswith(".nii.gz"):
+            write_gzip_parallel(img.to_bytes(), tmp)
+        else:
+            nib.save(img, str(tmp))
+
+
 def save_volume(vol: Volume, path, *, like: Volume | None = None, protect=(), dtype=np.float32) -> None:
     """Write a volume atomically; NIfTI keeps the header of ``like`` (its codes and units).
 
@@ -261,29 +345,13 @@ def save_volume(vol: Volume, path, *, like: Volume | None = None, protect=(), dt
     """
     dest = Path(path)
     data = vol.data.astype(dtype, copy=False)
+    if _is_nifti(dest):
+        _save_nifti(data, vol.vox2ras, dest, like, protect, dtype)
+        return
+    import SimpleITK as sitk
+
     with atomic_path(dest, protect=protect) as tmp:
-        if _is_nifti(dest):
-            import nibabel as nib
-
-            header = getattr(like, "header", None)
-            cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-            header = header.copy() if isinstance(header, nib.Nifti1Header) else None
-            img = cls(data, vol.vox2ras, header=header)
-            img.header.set_data_dtype(dtype)
-            img.header["scl_slope"] = 1.0
-            img.header["scl_inter"] = 0.0
-            sform_code = int(header["sform_code"]) if header is not None and header["sform_code"] > 0 else 2
-            qform_code = int(header["qform_code"]) if header is not None and header["qform_code"] > 0 else 2
-            img.set_sform(vol.vox2ras, sform_code)
-            img.set_qform(vol.vox2ras, qform_code)
-            if dest.name.lower().endswith(".nii.gz"):
-                write_gzip_parallel(img.to_bytes(), tmp)
-            else:
-                nib.save(img, str(tmp))
-        else:
-            import SimpleITK as sitk
-
-            try:
-                sitk.WriteImage(array_to_sitk(data, vol.vox2ras), str(tmp))
-            except RuntimeError as exc:
-                raise OutputError(f"cannot write image: {_short(exc)}", path=dest) from exc
+        try:
+            sitk.WriteImage(array_to_sitk(data, vol.vox2ras), str(tmp))
+        except RuntimeError as exc:
+            raise OutputError(f"cannot write image: {_short(exc)}", path=dest) from exc

@@ -44,7 +44,7 @@ def resample(moving: Volume, grid: Volume, fixed2moving: np.ndarray, *, interp: 
     if interp == "linear":
         out = kernels.resample_linear(moving.data, m, s0, s1, s2, np.float32(fill))
     elif interp == "nearest":
-        out = kernels.resample_nearest(moving.data, m, s0, s1, s2, np.float32(fill))
+        out = kernels.resample_nearest(moving.data, m, s0, s1, s2, np.float32(fill))  # keeps the values
     else:
         coeffs = ndimage.spline_filter(moving.data, order=3, mode="mirror")
         out = np.empty(grid.shape, dtype=np.float32)
@@ -58,3 +58,31 @@ def resample(moving: Volume, grid: Volume, fixed2moving: np.ndarray, *, interp: 
             inside = np.all((coords >= -0.5) & (coords <= lim), axis=0)
             out[i] = np.where(inside, vals, fill).reshape(s1, s2)
     return Volume(out, grid.vox2ras, moving.name, f"resampled on {grid.name}", grid.header)
+
+
+def apply_to_series(volumes, reference: Volume, fixed2moving: np.ndarray, *, interp: str = "linear",
+                    inverse: bool = False):
+    """Resample every volume of a series on ``reference``'s grid.
+
+    Parameters
+    ----------
+    volumes : list of Volume
+        The image to move (one volume, or every volume of a 4D series), all on one grid.
+    reference : Volume
+        Output grid (the FIXED image for a transform from ``regkl register``).
+    fixed2moving : ndarray (4, 4)
+        RAS fixed -> moving. With ``inverse``, the transform is applied the other way: the volumes
+        live in the fixed image's world and ``reference`` is a grid in the moving image's world.
+    interp : {'nearest', 'linear', 'cubic'}
+        'nearest' keeps the input's values and type (label maps).
+
+    Returns
+    -------
+    ndarray (I, J, K) or (I, J, K, T)
+        On ``reference``'s grid.
+    """
+    m = np.asarray(fixed2moving, dtype=np.float64)
+    if inverse:
+        m = np.linalg.inv(m)
+    out = [resample(v, reference, m, interp=interp).data for v in volumes]
+    return out[0] if len(out) == 1 else np.stack(out, axis=-1)

@@ -36,18 +36,58 @@ def _format_numbers(values) -> str:
     return " ".join(repr(float(v)) for v in values)
 
 
-def write_itk(path, fixed2moving: np.ndarray, *, protect=()) -> None:
-    """Write an ITK text transform (LPS, fixed->moving) that SimpleITK and ANTs read."""
+def itk_text(fixed2moving: np.ndarray) -> str:
+    """ITK text transform (LPS, fixed->moving) of a RAS fixed->moving matrix."""
     m = ras_to_lps(np.asarray(fixed2moving, dtype=np.float64))
-    text = (f"{ITK_MAGIC} V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+    return (f"{ITK_MAGIC} V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
             f"Parameters: {_format_numbers(list(m[:3, :3].ravel()) + list(m[:3, 3]))}\n"
             f"FixedParameters: 0 0 0\n")
-    _write_text(path, text, protect)
+
+
+def write_itk(path, fixed2moving: np.ndarray, *, protect=()) -> None:
+    """Write an ITK text transform (LPS, fixed->moving) that SimpleITK and ANTs read."""
+    _write_text(path, itk_text(fixed2moving), protect)
+
+
+def _parse_affine_text(path):
+    """Exact parse of a single 3D Affine/MatrixOffset ITK text transform, or None if not one."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in lines if ":" in line and not line.startswith("#"))
+    kind = fields.get("Transform", "").strip()
+    if kind.split("_")[0] not in ("AffineTransform", "MatrixOffsetTransformBase") or not kind.endswith("_3_3"):
+        return None
+    if sum(1 for line in lines if line.startswith("Transform:")) != 1:
+        return None
+    try:
+        params = np.array(fields["Parameters"].split(), dtype=np.float64)
+        centre = np.array(fields.get("FixedParameters", "0 0 0").split(), dtype=np.float64)
+    except (KeyError, ValueError):
+        return None
+    if params.shape != (12,) or centre.shape != (3,):
+        return None
+    lin = params[:9].reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = lin
+    m[:3, 3] = params[9:] + centre - lin @ centre
+    return m
 
 
 def read_itk(path) -> np.ndarray:
-    """Read any linear ITK transform file as a RAS fixed->moving 4x4 matrix."""
+    """Read any linear ITK transform file as a RAS fixed->moving 4x4 matrix.
+
+    Single affine text transforms (what regkl, ANTs and elastix write) are parsed exactly; anything
+    else goes through SimpleITK.
+    """
     import SimpleITK as sitk
+
+    exact = _parse_affine_text(path)
+    if exact is not None:
+        if not np.all(np.isfinite(exact)):
+            raise InputError("transform has non-finite parameters", path=path)
+        return lps_to_ras(exact)
 
     try:
         tx = sitk.ReadTransform(str(path))
@@ -67,14 +107,18 @@ def read_itk(path) -> np.ndarray:
     return lps_to_ras(m)
 
 
-def write_ras(path, fixed2moving: np.ndarray, *, protect=()) -> None:
-    """Write the 4x4 RAS matrix as text, with comments stating the convention."""
+def ras_text(fixed2moving: np.ndarray) -> str:
+    """The 4x4 RAS matrix as text, with comments stating the convention (full precision)."""
     m = np.asarray(fixed2moving, dtype=np.float64)
-    rows = "\n".join(" ".join(f"{v: .10f}" for v in row) for row in m)
-    text = ("# regkl transform: 4x4 matrix, RAS+ millimetres\n"
+    rows = "\n".join(" ".join(repr(float(v)) for v in row) for row in m)
+    return ("# regkl transform: 4x4 matrix, RAS+ millimetres\n"
             "# maps a FIXED (reference) world point to the MOVING world point: y = M @ [x, 1]\n"
             f"{rows}\n")
-    _write_text(path, text, protect)
+
+
+def write_ras(path, fixed2moving: np.ndarray, *, protect=()) -> None:
+    """Write the 4x4 RAS matrix as text, with comments stating the convention."""
+    _write_text(path, ras_text(fixed2moving), protect)
 
 
 def read_ras(path) -> np.ndarray:
@@ -120,6 +164,14 @@ def load_transform(path, fmt: str | None = None) -> np.ndarray:
     if fmt not in FORMATS:
         raise InputError(f"unknown transform format {fmt!r}; choose one of {', '.join(FORMATS)}", path=p)
     return FORMATS[fmt][0](p)
+
+
+def transform_text(fixed2moving: np.ndarray, fmt: str) -> str:
+    """The text a transform file of format ``fmt`` would hold."""
+    texts = {"itk": itk_text, "ras": ras_text}
+    if fmt not in texts:
+        raise InputError(f"unknown transform format {fmt!r}; choose one of {', '.join(texts)}")
+    return texts[fmt](fixed2moving)
 
 
 def save_transform(path, fixed2moving: np.ndarray, fmt: str, *, protect=()) -> None:
