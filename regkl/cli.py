@@ -92,13 +92,15 @@ def cli(debug):
               show_default=True, help="Interpolation of the output image.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the point sampling.")
 @click.option("--max-iter", default=100, show_default=True, type=int, help="Optimiser iterations per level.")
+@click.option("--max-seconds", default=600.0, show_default=True, type=float,
+              help="Time limit: past it the registration stops with exit code 1.")
 @click.option("--threads", type=int, default=None, help="Numba threads [default: all cores or NUMBA_NUM_THREADS].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def register(moving, fixed, output, transform_out, matrix_out, model, metric, prior, bins, sampling, levels, init,
-             search, fixed_mask, moving_mask, auto_mask, moving_volume, interp, seed, max_iter, threads, as_json,
-             quiet, debug):
+             search, fixed_mask, moving_mask, auto_mask, moving_volume, interp, seed, max_iter, max_seconds, threads,
+             as_json, quiet, debug):
     """Register MOVING (e.g. an EPI, 3D or 4D) to FIXED (e.g. a T1).
 
     Writes the moving image resampled on the fixed grid (-o), the transform as an ITK file
@@ -129,7 +131,8 @@ def register(moving, fixed, output, transform_out, matrix_out, model, metric, pr
         say(f"moving reference: {moving_vol.note}")
     result = run_register(moving_vol, fixed_vol, model=model, metric=metric, prior=prior_table, bins=bins,
                           sampling=sampling, levels=levels, init=init, search=search, fixed_mask=fixed_mask_vol,
-                          moving_mask=moving_mask_vol, auto_mask=auto_mask, seed=seed, max_iter=max_iter, log=say)
+                          moving_mask=moving_mask_vol, auto_mask=auto_mask, seed=seed, max_iter=max_iter,
+                          max_seconds=max_seconds, log=say)
     printed = False
     for path, fmt in ((transform_out, "itk"), (matrix_out, "ras")):
         if path == "-":

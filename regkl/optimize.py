@@ -79,19 +79,27 @@ class Result:
 
 
 class _Objective:
-    """Negative metric and gradient in scaled optimiser units, for one level."""
+    """Negative metric and gradient in scaled optimiser units, for one level.
 
-    def __init__(self, samples, moving_level, model, metric_fn, centre, scales):
+    ``deadline`` (a time.perf_counter() value) makes every evaluation after it raise
+    :class:`RegistrationError`, so no registration can run forever.
+    """
+
+    def __init__(self, samples, moving_level, model, metric_fn, centre, scales, deadline=None):
         self.samples = samples
         self.moving = moving_level
         self.model = model
         self.metric_fn = metric_fn
         self.centre = centre
         self.scales = scales
+        self.deadline = deadline
         self.evaluations = 0
         self.min_valid = max(64, int(MIN_OVERLAP * samples.points.shape[0]))
 
     def metric_at(self, params):
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise RegistrationError("time limit reached (--max-seconds); the images may be very large or the "
+                                    "problem ill-posed")
         ev = histogram.joint_histogram(self.samples, self.moving, self.model.matrix(params, self.centre))
         if ev.n_valid < self.min_valid:
             return NO_OVERLAP_VALUE, ev, None
@@ -113,7 +121,7 @@ class _Objective:
 
     def with_model(self, model, scales):
         """The same level's data for another transform model."""
-        return _Objective(self.samples, self.moving, model, self.metric_fn, self.centre, scales)
+        return _Objective(self.samples, self.moving, model, self.metric_fn, self.centre, scales, self.deadline)
 
 
 @dataclass(frozen=True)
@@ -147,7 +155,8 @@ def _lbfgs(obj, params, max_iter):
     """Run L-BFGS-B from ``params``; returns (params, value, scipy result). Never returns worse."""
     start_value = obj.metric_at(params)[0]
     res = sopt.minimize(obj, params / obj.scales, jac=True, method="L-BFGS-B",
-                        options={"maxiter": max_iter, "ftol": 1e-9, "gtol": 1e-6, "maxcor": 10})
+                        options={"maxiter": max_iter, "maxfun": 4 * max_iter + 20, "ftol": 1e-9, "gtol": 1e-6,
+                                 "maxcor": 10})
     if not np.all(np.isfinite(res.x)):
         raise RegistrationError("optimiser diverged (non-finite parameters)")
     value = -float(res.fun)
@@ -166,7 +175,7 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
              sampling: float = 0.5, levels: int | None = None, init: str = "com",
              init_fixed2moving: np.ndarray | None = None, search: str = "auto", fixed_mask: Volume | None = None,
              moving_mask: Volume | None = None, auto_mask: bool = False, prior=None, seed: int = 0,
-             max_iter: int = 100, log=None) -> Result:
+             max_iter: int = 100, max_seconds: float | None = 600.0, log=None) -> Result:
     """Align ``moving`` to ``fixed`` by maximising a histogram similarity metric.
 
     Parameters
@@ -202,7 +211,9 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
     seed : int
         Seed of the sample jitter and subsampling; the result is deterministic for a seed.
     max_iter : int
-        Maximum optimiser iterations per level.
+        Maximum optimiser iterations per level (and 4x as many metric evaluations).
+    max_seconds : float or None
+        Wall-time limit; past it the registration stops with a RegistrationError.
     log : callable(str), optional
         Progress messages.
 
@@ -211,6 +222,7 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
     Result
     """
     t0 = time.perf_counter()
+    deadline = None if max_seconds is None else t0 + float(max_seconds)
     say = log or (lambda msg: None)
     if not 0.0 < sampling <= 1.0:
         raise InputError(f"sampling must be in (0, 1], got {sampling}")
@@ -246,7 +258,7 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
     radius = max(radius, 10.0)
 
     def objective(level, mdl):
-        return _Objective(level.samples, level.moving, mdl, metric_fn, centre, mdl.scales(radius))
+        return _Objective(level.samples, level.moving, mdl, metric_fn, centre, mdl.scales(radius), deadline)
 
     first = objective(lvls[0], stage_models[0])
     p0 = stage_models[0].from_matrix(start, centre)
@@ -289,7 +301,8 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
         levels=tuple(reports), seconds=time.perf_counter() - t0, init=init,
         stages=tuple(m.name for m in stage_models), search=search_report,
         settings={"bins": bins, "sampling": sampling, "levels": len(spacings), "spacings_mm": spacings,
-                  "seed": seed, "max_iter": max_iter, "search": search, "auto_mask": auto_mask,
+                  "seed": seed, "max_iter": max_iter, "max_seconds": max_seconds, "search": search,
+                  "auto_mask": auto_mask,
                   "fixed_mask": None if fixed_mask is None else fixed_mask.name,
                   "moving_mask": None if moving_mask is None else moving_mask.name},
     )
