@@ -63,6 +63,8 @@ def cli(debug):
 @click.option("--transform-out", type=click.Path(dir_okay=False),
               help="ITK text transform (.tfm/.txt; LPS, fixed->moving) for SimpleITK/antsApplyTransforms.")
 @click.option("--matrix-out", type=click.Path(dir_okay=False), help="4x4 RAS+ fixed->moving matrix (text).")
+@click.option("--qc", "qc_out", type=click.Path(dir_okay=False), help="QC picture (PNG): edges, reverse edges, "
+              "checkerboard in three views (needs regkl[qc]).")
 @click.option("--model", default="rigid", show_default=True,
               help="Transform model: translation, rigid, similarity (rigid + scale), affine; similarity and "
                    "affine run a rigid stage first.")
@@ -98,7 +100,7 @@ def cli(debug):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def register(moving, fixed, output, transform_out, matrix_out, model, metric, prior, bins, sampling, levels, init,
+def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, metric, prior, bins, sampling, levels, init,
              search, fixed_mask, moving_mask, auto_mask, moving_volume, interp, seed, max_iter, max_seconds, threads,
              as_json, quiet, debug):
     """Register MOVING (e.g. an EPI, 3D or 4D) to FIXED (e.g. a T1).
@@ -119,7 +121,7 @@ def register(moving, fixed, output, transform_out, matrix_out, model, metric, pr
         raise RegklError("--json and a '-' (stdout) transform output cannot share stdout")
     prior_table = _load_prior(metric, prior, bins)
     inputs = (moving, fixed)
-    for out in (output, transform_out, matrix_out):
+    for out in (output, transform_out, matrix_out, qc_out):
         _check_output(out, inputs)
     warm = _warm_kernels_in_background()
     fixed_vol = load_volume(fixed, volume="mean")
@@ -140,9 +142,16 @@ def register(moving, fixed, output, transform_out, matrix_out, model, metric, pr
             printed = True
         elif path:
             save_transform(path, result.fixed2moving, fmt, protect=inputs)
+    if output or qc_out:
+        registered = resample(moving_vol, fixed_vol, result.fixed2moving, interp=interp)
     if output:
-        save_volume(resample(moving_vol, fixed_vol, result.fixed2moving, interp=interp), output,
-                    like=fixed_vol, protect=inputs)
+        save_volume(registered, output, like=fixed_vol, protect=inputs)
+    if qc_out:
+        from .qc import qc_figure
+
+        qc_figure(fixed_vol, registered, qc_out,
+                  title=f"{os.path.basename(moving)} -> {os.path.basename(fixed)}   {metric} "
+                        f"{result.metric_before:.3f} -> {result.metric_after:.3f}   {result.model}")
     elapsed = time.perf_counter() - t0
     say(f"{metric} {result.metric_before:.4f} -> {result.metric_after:.4f} in {elapsed:.2f} s")
     if as_json:
@@ -417,6 +426,29 @@ def _stored_dtype(header, default):
         return np.dtype(header.get_data_dtype()) if header is not None else default
     except Exception:  # noqa: BLE001 - unusual header: keep float
         return default
+
+
+@cli.command("qc")
+@click.argument("fixed", type=click.Path(dir_okay=True))
+@click.argument("registered", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--title", default=None, help="Title [default: the file names].")
+@click.option("--slices", default=5, show_default=True, type=int, help="Slices per view.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def qc_cmd(fixed, registered, output, title, slices, debug):
+    """QC picture of REGISTERED (on FIXED's grid, e.g. regkl register -o) against FIXED.
+
+    Rows: the registered image with the fixed image's edges (red), the reverse, and a
+    checkerboard of the two; axial, coronal and sagittal views at several slices.
+    """
+    from .io import load_volume
+    from .qc import qc_figure
+
+    _check_output(output, (fixed, registered))
+    fixed_vol = load_volume(fixed)
+    reg_vol = load_volume(registered, volume=0)
+    qc_figure(fixed_vol, reg_vol, output, n_slices=slices,
+              title=title or f"{os.path.basename(registered)} on {os.path.basename(fixed)}")
 
 
 @cli.command("learn-prior")
