@@ -75,6 +75,7 @@ class Result:
     init: str
     stages: tuple = ()
     search: SearchReport | None = None
+    confidence: object = None
     settings: dict = field(default_factory=dict)
 
 
@@ -175,7 +176,8 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
              sampling: float = 0.5, levels: int | None = None, init: str = "com",
              init_fixed2moving: np.ndarray | None = None, search: str = "auto", fixed_mask: Volume | None = None,
              moving_mask: Volume | None = None, auto_mask: bool = False, prior=None, seed: int = 0,
-             max_iter: int = 100, max_seconds: float | None = 600.0, log=None) -> Result:
+             max_iter: int = 100, max_seconds: float | None = 600.0, confidence: bool = False,
+             log=None) -> Result:
     """Align ``moving`` to ``fixed`` by maximising a histogram similarity metric.
 
     Parameters
@@ -214,6 +216,8 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
         Maximum optimiser iterations per level (and 4x as many metric evaluations).
     max_seconds : float or None
         Wall-time limit; past it the registration stops with a RegistrationError.
+    confidence : bool
+        Also assess the result (:mod:`regkl.confidence`): restarts, sharpness, uncertainty.
     log : callable(str), optional
         Progress messages.
 
@@ -295,11 +299,20 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
 
     finest = objective(lvls[-1], stage_models[0])
     before = finest.metric_at(stage_models[0].from_matrix(start, centre))[0]
+    conf = None
+    if confidence:
+        from .confidence import assess
+
+        rigid = get_model("rigid")
+        conf = assess(objective(lvls[-1], rigid), objective(lvls[max(0, len(lvls) - 2)], rigid),
+                      rigid.from_matrix(matrix, centre), centre, _refine)
+        say(f"confidence {conf.score:.2f}{' (SUSPECT)' if conf.suspect else ''}: "
+            + ", ".join(f"{k} {v:.3g}" for k, v in conf.evidence.items()))
     return Result(
         fixed2moving=matrix, init_fixed2moving=start, model=final.name, params=params, centre=centre,
         metric=metric, metric_before=float(before), metric_after=float(reports[-1].metric_end),
         levels=tuple(reports), seconds=time.perf_counter() - t0, init=init,
-        stages=tuple(m.name for m in stage_models), search=search_report,
+        stages=tuple(m.name for m in stage_models), search=search_report, confidence=conf,
         settings={"bins": bins, "sampling": sampling, "levels": len(spacings), "spacings_mm": spacings,
                   "seed": seed, "max_iter": max_iter, "max_seconds": max_seconds, "search": search,
                   "auto_mask": auto_mask,
