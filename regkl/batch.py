@@ -25,7 +25,7 @@ BIDS_FIXED_SUFFIX = "T1w"
 NIFTI = re.compile(r"\.nii(\.gz)?$")
 
 SUMMARY_COLUMNS = ("subject", "session", "moving", "fixed", "output", "transform", "status", "metric",
-                   "metric_before", "metric_after", "seconds", "error")
+                   "metric_before", "metric_after", "confidence", "suspect", "seconds", "error")
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,8 @@ def _row(job: Job, status: str, seconds: float, error: str = "", result=None) ->
             "metric": job.options.get("metric", "mi"),
             "metric_before": None if result is None else result.metric_before,
             "metric_after": None if result is None else result.metric_after,
+            "confidence": None if result is None or result.confidence is None else round(result.confidence.score, 4),
+            "suspect": None if result is None or result.confidence is None else bool(result.confidence.suspect),
             "seconds": round(seconds, 3), "error": error}
 
 
@@ -173,6 +175,7 @@ def run_job(job: Job, threads: int | None = None) -> dict:
             opts["prior"] = load_prior(opts["prior"])[0]
         fixed = load_volume(job.fixed)
         moving = load_volume(job.moving, volume=moving_volume)
+        opts.setdefault("confidence", True)
         result = register(moving, fixed, **opts)
         Path(job.output).parent.mkdir(parents=True, exist_ok=True)
         inputs = (job.moving, job.fixed)
@@ -181,6 +184,7 @@ def run_job(job: Job, threads: int | None = None) -> dict:
         save_transform(job.transform, result.fixed2moving, "itk", protect=inputs)
         row = _row(job, "ok", time.perf_counter() - t0, result=result)
         record = {**row, "fixed2moving_ras": result.fixed2moving.tolist(), "options": job.options,
+                  "confidence_evidence": None if result.confidence is None else result.confidence.as_dict(),
                   "output_sizes": {p: Path(p).stat().st_size for p in (job.output, job.transform)}}
         with atomic_path(job.sidecar, protect=inputs) as tmp:  # written last: marks completion
             Path(tmp).write_text(json.dumps(record, indent=2))

@@ -97,12 +97,16 @@ def cli(debug):
 @click.option("--max-seconds", default=600.0, show_default=True, type=float,
               help="Time limit: past it the registration stops with exit code 1.")
 @click.option("--threads", type=int, default=None, help="Numba threads [default: all cores or NUMBA_NUM_THREADS].")
+@click.option("--confidence", is_flag=True, help="Assess the result without ground truth (restart drift and "
+              "agreement, optimum sharpness, MI/entropy): score and suspect flag in --json and on stderr.")
+@click.option("--fail-on-suspect", is_flag=True, help="Exit with code 1 when the result is flagged suspect "
+              "(implies --confidence; outputs are still written for inspection).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, metric, prior, bins, sampling, levels, init,
              search, fixed_mask, moving_mask, auto_mask, moving_volume, interp, seed, max_iter, max_seconds, threads,
-             as_json, quiet, debug):
+             confidence, fail_on_suspect, as_json, quiet, debug):
     """Register MOVING (e.g. an EPI, 3D or 4D) to FIXED (e.g. a T1).
 
     Writes the moving image resampled on the fixed grid (-o), the transform as an ITK file
@@ -134,7 +138,7 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
     result = run_register(moving_vol, fixed_vol, model=model, metric=metric, prior=prior_table, bins=bins,
                           sampling=sampling, levels=levels, init=init, search=search, fixed_mask=fixed_mask_vol,
                           moving_mask=moving_mask_vol, auto_mask=auto_mask, seed=seed, max_iter=max_iter,
-                          max_seconds=max_seconds, log=say)
+                          max_seconds=max_seconds, confidence=confidence or fail_on_suspect, log=say)
     printed = False
     for path, fmt in ((transform_out, "itk"), (matrix_out, "ras")):
         if path == "-":
@@ -151,7 +155,10 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
 
         qc_figure(fixed_vol, registered, qc_out,
                   title=f"{os.path.basename(moving)} -> {os.path.basename(fixed)}   {metric} "
-                        f"{result.metric_before:.3f} -> {result.metric_after:.3f}   {result.model}")
+                        f"{result.metric_before:.3f} -> {result.metric_after:.3f}   {result.model}"
+                        + ("" if result.confidence is None else
+                           f"   confidence {result.confidence.score:.2f}"
+                           f"{' SUSPECT' if result.confidence.suspect else ''}"))
     elapsed = time.perf_counter() - t0
     say(f"{metric} {result.metric_before:.4f} -> {result.metric_after:.4f} in {elapsed:.2f} s")
     if as_json:
@@ -162,6 +169,10 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
     elif not printed:
         for row in result.fixed2moving:
             click.echo(" ".join(f"{v: .8f}" for v in row))
+    if fail_on_suspect and result.confidence.suspect:
+        click.echo(f"regkl: error: {moving}: registration flagged suspect (confidence "
+                   f"{result.confidence.score:.2f}); see --json evidence or --qc", err=True)
+        sys.exit(1)
 
 
 def _set_threads(threads):
@@ -236,6 +247,7 @@ def summary(result, moving, fixed, output, transform_out, matrix_out, seconds) -
         "levels": [{"stage": lv.stage, "spacing_mm": lv.spacing_mm, "points": lv.n_points, "iterations": lv.iterations,
                     "evaluations": lv.evaluations, "metric_start": lv.metric_start, "metric_end": lv.metric_end,
                     "stop": lv.stop_reason, "seconds": round(lv.seconds, 4)} for lv in result.levels],
+        "confidence": None if result.confidence is None else result.confidence.as_dict(),
         "settings": result.settings,
         "registration_seconds": round(result.seconds, 4),
         "total_seconds": round(seconds, 4),

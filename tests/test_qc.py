@@ -38,3 +38,15 @@ def test_canonical_view_orders_axes_ras():
     v2r = np.array([[0, 0, 1, 0], [0, -1, 0, 2], [1, 0, 0, 0], [0, 0, 0, 1.0]])
     stored = Volume(np.flip(np.transpose(data, (2, 1, 0)), 1), v2r)
     np.testing.assert_array_equal(canonical(stored), canonical(ras))
+
+
+def test_confidence_flags_an_unfinished_registration(capsys, real_pair_paths):
+    moving, fixed = real_pair_paths
+    code, out, err = run(["register", moving, fixed, "--init", "header", "--search", "none", "--levels", "1",
+                          "--max-iter", "1", "--fail-on-suspect", "-q"], capsys)
+    assert code == 1 and "suspect" in err
+    code, out, err = run(["register", moving, fixed, "--confidence", "--json", "-q"], capsys)
+    import json
+
+    conf = json.loads(out)["confidence"]
+    assert code == 0 and conf["suspect"] is False and conf["evidence"]["drift_mm"] < 0.5
