@@ -117,14 +117,14 @@ def assess(fine, mid, params, centre, refine) -> Confidence:
     model = get_model("rigid")
     points = fine.samples.points
     solution = model.matrix(params, centre)
-    moved, _ = refine(fine, params, 4)
+    moved, _ = refine(fine, params, 8)
     drift = rms_displacement(model.matrix(moved, centre), solution, points)
     thin = _thinned(fine, THIN)
-    base, _ = refine(thin, params, 8)
+    base, _ = refine(thin, params, 10)
     base_m = model.matrix(base, centre)
     worst = 0.0
     for delta in _perturbations():
-        q, _ = refine(thin, params + delta, 8)
+        q, _ = refine(thin, params + delta, 10)
         worst = max(worst, rms_displacement(model.matrix(q, centre), base_m, points))
     ev = fine.metric_at(params)[1]
     value_thin = thin.metric_at(params)[0]
