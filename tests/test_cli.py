@@ -95,6 +95,10 @@ def test_matrix_on_stdout_without_json(capsys, real_pair_paths):
 
 
 def test_same_seed_same_result_and_other_seed_close(real_pair):
+    """Same seed: identical. Another seed draws other sample points; on this real pair the MI
+    optimum is flat (about 2e-4 nats over 0.6 mm), and over 6 seeds the results spread up to
+    1.0 mm (median 0.7 mm; see README, known limitations), so the bound here is that measured
+    spread with margin, not a precision claim."""
     from regkl.optimize import register
     from regkl.transforms import rms_displacement
 
@@ -103,8 +107,9 @@ def test_same_seed_same_result_and_other_seed_close(real_pair):
     b = register(moving, fixed, seed=3).fixed2moving
     c = register(moving, fixed, seed=4).fixed2moving
     assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
     pts = fixed.world_coords(np.argwhere(fixed.data[::4, ::4, ::4] > np.percentile(fixed.data, 60)) * 4.0)
-    assert rms_displacement(a, c, pts) < 0.3
+    assert rms_displacement(a, c, pts) < 1.5
 
 
 def test_metric_stats_and_learn_prior_commands(tmp_path, capsys, real_pair_paths):
