@@ -98,14 +98,13 @@ def _thinned(objective, step=3):
                            objective.scales, objective.deadline)
 
 
-def assess(fine, mid, params, centre, refine) -> Confidence:
+def assess(fine, params, centre, refine) -> Confidence:
     """Evidence and score for a finished registration.
 
     Parameters
     ----------
-    fine, mid : regkl.optimize._Objective
-        Objectives of the RIGID model at the finest and second-finest levels (``mid`` is kept for
-        callers; the evidence uses the finest level).
+    fine : regkl.optimize._Objective
+        Objective of the RIGID model at the finest level.
     params : ndarray (6,)
         Rigid parameters of the solution (for non-rigid models, the closest rigid pose).
     centre : ndarray (3,)

@@ -304,8 +304,7 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
         from .confidence import assess
 
         rigid = get_model("rigid")
-        conf = assess(objective(lvls[-1], rigid), objective(lvls[max(0, len(lvls) - 2)], rigid),
-                      rigid.from_matrix(matrix, centre), centre, _refine)
+        conf = assess(objective(lvls[-1], rigid), rigid.from_matrix(matrix, centre), centre, _refine)
         say(f"confidence {conf.score:.2f}{' (SUSPECT)' if conf.suspect else ''}: "
             + ", ".join(f"{k} {v:.3g}" for k, v in conf.evidence.items()))
     return Result(
