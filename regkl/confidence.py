@@ -1,6 +1,6 @@
 """Confidence in a registration from evidence that needs no ground truth.
 
-Three pieces of evidence, computed after the registration from its own pyramid levels:
+Four pieces of evidence, computed after the registration at its finest level:
 
 ``drift_mm``
     The solution re-optimised at the finest level: RMS displacement (mm, over the fixed sample
