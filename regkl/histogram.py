@@ -137,7 +137,8 @@ def joint_histogram(samples: Samples, moving: MovingLevel, fixed2moving: np.ndar
     mov_g = np.empty((n, 3))
     mov_w = np.empty(n)
     mov_gw = np.empty((n, 3))
-    hist = kernels.joint_histogram(samples.bins, samples.points, moving.volume.data, vox_mat,
+    kernel = kernels.joint_histogram_serial if n < kernels.SERIAL_BELOW else kernels.joint_histogram
+    hist = kernel(samples.bins, samples.points, moving.volume.data, vox_mat,
                                    moving.lo, moving.scale, moving.n_bins, samples.n_bins, mov_c, mov_g,
                                    mov_w, mov_gw,
                                    moving.volume.data if moving.mask is None else moving.mask,
@@ -152,5 +153,6 @@ def matrix_gradient(samples: Samples, moving: MovingLevel, evaluation: Evaluatio
     if dtable.shape != evaluation.hist.shape:
         raise KernelInputError(f"dtable shape {dtable.shape} != histogram shape {evaluation.hist.shape}")
     vox_lin = np.ascontiguousarray(moving.volume.ras2vox[:3, :3])
-    return kernels.matrix_gradient(samples.bins, samples.points, evaluation.mov_c, evaluation.mov_g,
+    kernel = kernels.matrix_gradient_serial if len(samples.points) < kernels.SERIAL_BELOW else kernels.matrix_gradient
+    return kernel(samples.bins, samples.points, evaluation.mov_c, evaluation.mov_g,
                                    evaluation.mov_w, evaluation.mov_gw, dtable, vox_lin)

@@ -302,6 +302,15 @@ def resample_nearest(data, vox2vox, out_shape0, out_shape1, out_shape2, fill):
     return out
 
 
+#: Below this many sample points the serial builds are used: waking the thread pool costs more
+#: than the work (the coarsest level and the global search evaluate a few thousand points).
+SERIAL_BELOW = 20000
+
+# Serial builds of the same functions (prange runs as range); identical results, no thread wake-up.
+joint_histogram_serial = njit(cache=True, fastmath=False)(joint_histogram.py_func)
+matrix_gradient_serial = njit(cache=True, fastmath=False)(matrix_gradient.py_func)
+
+
 def warm_up():
     """Load every cached kernel once on tiny inputs (Numba's one-off start-up cost, ~0.3 s).
 
@@ -315,5 +324,6 @@ def warm_up():
     bins = np.zeros(1, dtype=np.int32)
     c, w = np.empty(1), np.empty(1)
     g, gw = np.empty((1, 3)), np.empty((1, 3))
-    joint_histogram(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c, g, w, gw, data, False)
-    matrix_gradient(bins, pts, c, g, w, gw, np.zeros((8, 8)), mat[:3, :3].copy())
+    for hist_fn, grad_fn in ((joint_histogram, matrix_gradient), (joint_histogram_serial, matrix_gradient_serial)):
+        hist_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c, g, w, gw, data, False)
+        grad_fn(bins, pts, c, g, w, gw, np.zeros((8, 8)), mat[:3, :3].copy())
