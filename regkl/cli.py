@@ -124,7 +124,7 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
     if as_json and "-" in (transform_out, matrix_out):
         raise RegklError("--json and a '-' (stdout) transform output cannot share stdout")
     prior_table = _load_prior(metric, prior, bins)
-    inputs = (moving, fixed)
+    inputs = tuple(p for p in (moving, fixed, fixed_mask, moving_mask, prior) if p)
     for out in (output, transform_out, matrix_out, qc_out):
         _check_output(out, inputs)
     warm = _warm_kernels_in_background()
@@ -139,26 +139,24 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
                           sampling=sampling, levels=levels, init=init, search=search, fixed_mask=fixed_mask_vol,
                           moving_mask=moving_mask_vol, auto_mask=auto_mask, seed=seed, max_iter=max_iter,
                           max_seconds=max_seconds, confidence=confidence or fail_on_suspect, log=say)
+    from .io import output_group
+
     printed = False
+    with output_group():  # all outputs or none
+        for path, fmt in ((transform_out, "itk"), (matrix_out, "ras")):
+            if path == "-":
+                printed = True
+            elif path:
+                save_transform(path, result.fixed2moving, fmt, protect=inputs)
+        if output or qc_out:
+            registered = resample(moving_vol, fixed_vol, result.fixed2moving, interp=interp)
+        if output:
+            save_volume(registered, output, like=fixed_vol, protect=inputs)
+        if qc_out:
+            _write_qc(fixed_vol, registered, qc_out, moving, fixed, metric, result)
     for path, fmt in ((transform_out, "itk"), (matrix_out, "ras")):
         if path == "-":
             click.echo(transform_text(result.fixed2moving, fmt), nl=False)
-            printed = True
-        elif path:
-            save_transform(path, result.fixed2moving, fmt, protect=inputs)
-    if output or qc_out:
-        registered = resample(moving_vol, fixed_vol, result.fixed2moving, interp=interp)
-    if output:
-        save_volume(registered, output, like=fixed_vol, protect=inputs)
-    if qc_out:
-        from .qc import qc_figure
-
-        qc_figure(fixed_vol, registered, qc_out,
-                  title=f"{os.path.basename(moving)} -> {os.path.basename(fixed)}   {metric} "
-                        f"{result.metric_before:.3f} -> {result.metric_after:.3f}   {result.model}"
-                        + ("" if result.confidence is None else
-                           f"   confidence {result.confidence.score:.2f}"
-                           f"{' SUSPECT' if result.confidence.suspect else ''}"))
     elapsed = time.perf_counter() - t0
     say(f"{metric} {result.metric_before:.4f} -> {result.metric_after:.4f} in {elapsed:.2f} s")
     if as_json:
@@ -173,6 +171,17 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
         click.echo(f"regkl: error: {moving}: registration flagged suspect (confidence "
                    f"{result.confidence.score:.2f}); see --json evidence or --qc", err=True)
         sys.exit(1)
+
+
+def _write_qc(fixed_vol, registered, path, moving, fixed, metric, result):
+    from .qc import qc_figure
+
+    qc_figure(fixed_vol, registered, path,
+              title=f"{os.path.basename(moving)} -> {os.path.basename(fixed)}   {metric} "
+                    f"{result.metric_before:.3f} -> {result.metric_after:.3f}   {result.model}"
+                    + ("" if result.confidence is None else
+                       f"   confidence {result.confidence.score:.2f}"
+                       f"{' SUSPECT' if result.confidence.suspect else ''}"))
 
 
 def _set_threads(threads):
@@ -215,14 +224,12 @@ def _warm_kernels_in_background():
 
 
 def _check_output(path, inputs):
-    import os
+    """Refuse, before any work, an output that would overwrite an input or cannot be written."""
+    from .io import check_output_path
 
     if path is None or path == "-":
         return
-    for inp in inputs:
-        if os.path.abspath(path) == os.path.abspath(inp) or (
-                os.path.exists(path) and os.path.exists(inp) and os.path.samefile(path, inp)):
-            raise RegklError("output would overwrite an input", path=path)
+    check_output_path(path, protect=inputs)
 
 
 def summary(result, moving, fixed, output, transform_out, matrix_out, seconds) -> dict:
@@ -489,6 +496,7 @@ def learn_prior_cmd(pairs, output, bins, moving_volume, as_json, quiet, debug):
     from .xfm import load_transform
 
     say = _log(quiet)
+    _check_output(output, [q for p in pairs for q in p.split(",") if q])
     loaded = []
     for pair in pairs:
         parts = pair.split(",")
@@ -588,6 +596,12 @@ def main(argv=None):
     """Console entry point: runs the Click group and maps errors to one line and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # a scheduler's SIGTERM unwinds normally, so temporary outputs are removed
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not debug:
         warnings.showwarning = lambda msg, *a, **k: click.echo(f"regkl: warning: {msg}", err=True)
     try:
@@ -596,7 +610,9 @@ def main(argv=None):
         click.echo("regkl: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        if debug:
+            raise
+        click.echo(f"regkl: error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(exc.exit_code)
     except RegklError as exc:
         if debug:

@@ -2,12 +2,45 @@
 
 Everything that comes in is converted to a :class:`~regkl.volume.Volume` (RAS+); everything that
 goes out is written atomically (temporary file in the same folder, fsync, rename).
+
+Reading is defensive, because regkl runs unattended over thousands of files: every problem with
+an input becomes an :class:`~regkl.errors.InputError` naming the file and the problem (never
+another exception), and nothing is allocated before the header has been checked against the
+memory available. What is checked, and what is decided:
+
+- NIfTI (``.nii``, ``.nii.gz``) is read by regkl itself with nibabel's header classes: the NIfTI-1
+  or NIfTI-2 magic must be present; the header's dimensions and data type must describe exactly
+  the data the file holds (a shorter file is truncated, a longer one has wrong dimensions); a
+  gzip stream is read to its end, so a damaged stream or a failed CRC is an error, not silent
+  garbage. gzip is recognised by its content, whatever the file name says.
+- Geometry: the sform when ``sform_code > 0`` (as nibabel and FSL do), else the qform when
+  ``qform_code > 0``, else the voxel sizes alone. Voxel sizes (``pixdim``) that define the
+  geometry must be positive and finite (nibabel would silently replace zeros by 1 and negatives
+  by their absolute value). When both sform and qform are set and map the grid's corners more than
+  :data:`SFORM_QFORM_TOL_MM` apart, the sform is used and a warning says so.
+- NaN/infinite voxels: set to 0 with a warning when they are at most half of the image, an error
+  above that (and when every voxel is NaN or infinite).
+- Integer data with ``scl_slope``/``scl_inter`` are scaled (``value * slope + inter``).
+- Complex and RGB images, 2D and 5D+ images are refused.
+- Size: before any data are read, the memory needed (the file's data, a float copy and
+  :data:`WORKING_COPIES` float32 copies of the 3D volume) is compared with the memory available
+  (``MemAvailable``, capped by a cgroup limit; ``REGKL_MEMORY_LIMIT_GB`` overrides) and the image
+  is refused with both figures when it does not fit.
+- Warnings (NaN voxels, header fields nibabel had to fix, sform/qform disagreement) are issued
+  only when the image is accepted, so a refused image gives exactly one line: its error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
+import io as _io
+import logging
+import math
 import os
+import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,97 +55,601 @@ LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
+#: float32 copies of the 3D volume a registration keeps besides the image (pyramid, output, masks).
+WORKING_COPIES = 4
+#: sform and qform further apart than this (mm, at the grid's corners) give a warning.
+SFORM_QFORM_TOL_MM = 1e-3
+#: Fraction of NaN/infinite voxels above which an image is refused (below: set to 0, warning).
+MAX_NONFINITE_FRACTION = 0.5
+#: Largest plausible NIfTI ``vox_offset`` (bytes of header and extensions before the data).
+MAX_VOX_OFFSET = 64 << 20
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_GIB = float(1 << 30)
+
 
 def _is_nifti(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(NIFTI_SUFFIXES) or name.endswith((".hdr", ".img", ".img.gz", ".hdr.gz"))
 
 
-def _reduce_4d(data: np.ndarray, how, path: str):
-    """Reduce a 4D array (I, J, K, T) to 3D; returns (data, note)."""
-    n = data.shape[3]
-    if isinstance(how, str) and how.isdigit():
-        how = int(how)
-    if isinstance(how, (int, np.integer)):
-        if not -n <= how < n:
-            raise InputError(f"volume {how} requested but the series has {n} volumes (0..{n - 1})", path=path)
-        return data[..., how], f"volume {int(how) % n} of {n}"
-    if how == "mean":
-        return np.mean(data, axis=3, dtype=np.float64), f"mean of {n} volumes"
-    if how == "median":
-        return np.median(data, axis=3), f"median of {n} volumes"
-    raise InputError(f"--moving-volume must be mean, median or a volume index, got {how!r}", path=path)
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
 
 
-def _finish(data: np.ndarray, vox2ras: np.ndarray, path: str, volume, header=None, allow_constant=False) -> Volume:
-    """Squeeze trailing singleton axes, reduce 4D, clean non-finite values, build the Volume."""
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    note = ""
-    if data.ndim == 4:
-        data, note = _reduce_4d(data, volume, path)
-    if data.ndim == 5:
-        raise InputError(f"5D images are not supported (shape {data.shape})", path=path)
-    if data.ndim != 3:
-        raise InputError(f"expected a 3D or 4D image, got {data.ndim}D with shape {data.shape}", path=path)
-    if min(data.shape) < 2:
-        raise InputError(f"image is too small to register (shape {data.shape}); a 3D volume needs at "
-                         "least 2 voxels along each axis", path=path)
-    data = np.asarray(data, dtype=np.float32)
-    finite = np.isfinite(data)
-    if not finite.all():
-        n_bad = int(data.size - np.count_nonzero(finite))
-        if n_bad == data.size:
-            raise InputError("every voxel is NaN or infinite", path=path)
-        if n_bad > data.size // 2:
-            raise InputError(f"{n_bad} of {data.size} voxels are NaN or infinite", path=path)
-        warnings.warn(f"{path}: {n_bad} NaN/infinite voxels set to 0")
-        data = np.where(finite, data, 0.0).astype(np.float32)
-    if not allow_constant and float(data.max()) == float(data.min()):
-        raise InputError(f"image is constant (every voxel is {float(data.min()):g})", path=path)
-    vox2ras = check_vox2ras(vox2ras, name="voxel-to-world matrix", path=path)
-    return Volume(data, vox2ras, path, note, header)
+def _oserror_text(exc: OSError) -> str:
+    """A short, lower-case reason for an OSError (reading or writing)."""
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return "no space left on the device (disk full or quota exceeded)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if code == errno.EROFS:
+        return "read-only file system"
+    if code == errno.EISDIR:
+        return "is a folder"
+    return (exc.strerror or _short(exc)).lower() if exc.strerror else _short(exc)
 
 
-def _load_nifti(path: Path, volume, allow_constant=False) -> Volume:
+# --------------------------------------------------------------------------------------------------
+# memory
+
+
+def _read_int(path) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 or v1), or None if unlimited/unknown."""
+    candidates = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            parts = line.split(":", 2)
+            if len(parts) == 3 and parts[0] == "0" and parts[1] == "":
+                candidates.append(Path("/sys/fs/cgroup") / parts[2].lstrip("/"))
+    except OSError:
+        pass
+    candidates.append(Path("/sys/fs/cgroup"))
+    for base in candidates:  # cgroup v2
+        limit = _read_int(base / "memory.max")
+        usage = _read_int(base / "memory.current")
+        if limit is not None and usage is not None:
+            return max(limit - usage + _stat_field(base / "memory.stat", "inactive_file"), 0)
+    base = Path("/sys/fs/cgroup/memory")  # cgroup v1
+    limit = _read_int(base / "memory.limit_in_bytes")
+    usage = _read_int(base / "memory.usage_in_bytes")
+    if limit is not None and usage is not None and limit < (1 << 60):
+        return max(limit - usage + _stat_field(base / "memory.stat", "total_inactive_file"), 0)
+    return None
+
+
+def _stat_field(path, key) -> int:
+    """A field of a cgroup memory.stat file (reclaimable page cache), 0 if absent."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def available_memory() -> int | None:
+    """Bytes of memory regkl may still use, or None when unknown.
+
+    ``REGKL_MEMORY_LIMIT_GB`` (GiB) if set; otherwise the kernel's ``MemAvailable`` (free memory
+    plus reclaimable cache; ``SC_AVPHYS_PAGES`` where there is no /proc), capped by the room left
+    under a cgroup (container) memory limit.
+    """
+    override = os.environ.get("REGKL_MEMORY_LIMIT_GB")
+    if override:
+        try:
+            return int(float(override) * _GIB)
+        except ValueError:
+            pass
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            avail = None
+    room = _cgroup_room()
+    if room is not None:
+        avail = room if avail is None else min(avail, room)
+    return avail
+
+
+def memory_needed(shape, itemsize: int, *, compressed: bool = False, scaled: bool = False) -> int:
+    """Bytes needed to read an image of ``shape`` and register it (an estimate, on the high side).
+
+    The file's data (twice for a gzip file: the decompressed bytes and the array), one float copy
+    of the whole image (float64 when scaled by scl_slope/inter) and :data:`WORKING_COPIES` float32
+    copies of the 3D volume.
+    """
+    n = math.prod(int(s) for s in shape)
+    n3 = math.prod(int(s) for s in tuple(shape)[:3])
+    raw = n * int(itemsize)
+    return raw * (2 if compressed else 1) + n * (8 if scaled else 4) + n3 * 4 * WORKING_COPIES
+
+
+def check_memory(shape, dtype, path, *, compressed: bool = False, scaled: bool = False, extra: int = 0) -> None:
+    """Refuse (InputError, with the figures in GiB) an image that does not fit in memory.
+
+    ``extra``: bytes read besides the image data (the NIfTI header and extensions).
+    """
+    need = memory_needed(shape, np.dtype(dtype).itemsize, compressed=compressed, scaled=scaled) + int(extra)
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise InputError(f"image of shape {tuple(int(s) for s in shape)} ({np.dtype(dtype).name}) needs about "
+                         f"{_gib(need)} GiB of memory to load and register, but only {_gib(avail)} GiB is "
+                         "available (set REGKL_MEMORY_LIMIT_GB to override)", path=path)
+
+
+def _gib(nbytes) -> str:
+    g = nbytes / _GIB
+    return f"{g:.0f}" if g >= 10 else f"{g:.1f}" if g >= 0.1 else f"{g:.3g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# quiet third-party libraries
+
+
+@contextlib.contextmanager
+def _captured_library_messages(notes: list):
+    """nibabel's log lines and Python warnings raised inside become ``notes`` (not stderr lines).
+
+    numpy's floating-point RuntimeWarnings (a header with NaNs...) are dropped: the checks that
+    follow report the problem itself.
+    """
     import nibabel as nib
 
+    logger = nib.imageglobals.logger
+    records = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    saved, propagate = list(logger.handlers), logger.propagate
+    collector = _Collect()
+    for handler in saved:
+        logger.removeHandler(handler)
+    logger.addHandler(collector)
+    logger.propagate = False
     try:
-        img = nib.load(str(path))
-        vox2ras = img.affine
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for damaged files
-        raise InputError(f"cannot read as NIfTI: {_short(exc)}") from exc
+        with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        logger.removeHandler(collector)
+        for handler in saved:
+            logger.addHandler(handler)
+        logger.propagate = propagate
+        for msg in dict.fromkeys(records):
+            notes.append(f"header problem fixed on reading: {' '.join(msg.split())}")
+        for w in caught:
+            if not issubclass(w.category, (RuntimeWarning, DeprecationWarning)):
+                notes.append(" ".join(str(w.message).split()))
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Send what C/C++ libraries (ITK, GDCM, HDF5) print on file descriptor 2 to /dev/null.
+
+    SimpleITK reports failures as exceptions, which regkl turns into one-line errors; ITK's
+    warnings and HDF5's diagnostics would otherwise add lines to stderr.
+    """
+    try:
+        sys.stderr.flush()
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+# --------------------------------------------------------------------------------------------------
+# NIfTI
+
+
+class _Raw:
+    """What a reader returns: the array in (i, j, k[, t, ...]) order, its geometry and notes."""
+
+    def __init__(self, data, vox2ras, header, matrix_name, notes):
+        self.data, self.vox2ras, self.header = data, vox2ras, header
+        self.matrix_name, self.notes = matrix_name, notes
+
+
+class _Gunzip:
+    """A gzip file read member by member with a decompressor object, so that every problem is
+    told apart: damaged data or a failed CRC, a stream cut before the image data are complete, a
+    cut-off end marker, or extra bytes after it (zero padding after the last member is accepted,
+    as gzip does). Offers ``readinto``/``read``/``close`` like a file.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fh, path):
+        try:
+            from isal import isal_zlib as zlib  # ~3x faster than zlib, same interface
+        except ImportError:  # pragma: no cover - isal is a dependency
+            import zlib
+        self._zlib, self._fh, self._path = zlib, fh, path
+        self._d = zlib.decompressobj(wbits=31)
+        self._input = b""  # compressed bytes not yet given to the decompressor
+        self._output = memoryview(b"")  # decompressed bytes not yet delivered
+        self._done = False
+        self.produced = 0
+
+    def close(self):
+        self._fh.close()
+
+    def _raw(self) -> bytes:
+        try:
+            return self._fh.read(self.CHUNK)
+        except OSError as exc:
+            raise InputError(f"cannot read: {_oserror_text(exc)}", path=self._path) from exc
+
+    def _decompress_more(self) -> None:
+        while not self._done:
+            if self._d.eof:  # a member ended (CRC and size checked): another member, padding or garbage?
+                rest = self._d.unused_data or self._raw()
+                if not rest:
+                    self._done = True
+                    return
+                if rest[:2] != _GZIP_MAGIC:
+                    while rest and not rest.strip(b"\0"):
+                        rest = self._raw()
+                    if not rest:
+                        self._done = True
+                        return
+                    raise InputError("the compressed stream does not end properly (extra bytes after its end "
+                                     "marker)", path=self._path)
+                self._d = self._zlib.decompressobj(wbits=31)
+                self._input = rest
+                continue
+            data = self._d.unconsumed_tail or self._input or self._raw()
+            self._input = b""
+            if not data:
+                if self.produced == 0:
+                    raise InputError("file is truncated (the compressed stream ends inside the header)",
+                                     path=self._path)
+                raise _GzipCut(self.produced)
+            try:
+                out = self._d.decompress(data, self.CHUNK)
+            except Exception as exc:  # noqa: BLE001 - zlib.error / IsalError: damaged data or CRC
+                reason = _short(exc)
+                if "check" in reason.lower():  # zlib "incorrect data check", ISA-L "Incorrect checksum found"
+                    reason = f"CRC check failed ({reason})"
+                raise InputError(f"compressed data are damaged: {reason}", path=self._path) from exc
+            if out:
+                self._output = memoryview(out)
+                self.produced += len(out)
+                return
+
+    def readinto(self, view) -> int:
+        if not len(self._output):
+            self._decompress_more()
+        n = min(len(view), len(self._output))
+        view[:n] = self._output[:n]
+        self._output = self._output[n:]
+        return n
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        return bytes(buf[:_fill(self, memoryview(buf))])
+
+
+class _GzipCut(Exception):
+    """The compressed input ended before the end of a gzip member (after ``produced`` bytes)."""
+
+    def __init__(self, produced):
+        super().__init__(produced)
+        self.produced = produced
+
+
+def _open_data(path: Path):
+    """(binary file object, compressed?) — gzip recognised by its magic bytes, not the name."""
+    fh = open(path, "rb")
+    try:
+        magic = fh.read(2)
+        fh.seek(0)
+    except OSError:
+        fh.close()
+        raise
+    if magic != _GZIP_MAGIC:
+        return fh, False
+    return _Gunzip(fh, path), True
+
+
+def _fill(fh, view) -> int:
+    """Read into ``view`` until it is full or the stream ends; returns the bytes read."""
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _check_dtype(dtype, path):
+    dtype = np.dtype(dtype)
+    if dtype.fields is not None:
+        raise InputError(f"RGB/RGBA (structured {dtype}) images are not supported; convert to one channel",
+                         path=path)
+    if dtype.kind == "c":
+        raise InputError(f"complex-valued images ({dtype.name}) are not supported; use the magnitude", path=path)
+    if dtype.kind not in "biuf":
+        raise InputError(f"unsupported data type {dtype}", path=path)
+    return dtype
+
+
+def _header_class(head: bytes, path):
+    import nibabel as nib
+
+    if len(head) >= 8 and head[4:8] == b"n+2\x00":
+        return nib.Nifti2Header
+    if len(head) >= 348 and head[344:348] == b"n+1\x00":
+        return nib.Nifti1Header
+    if len(head) < 348:
+        raise InputError(f"file is truncated or not NIfTI: {len(head)} bytes, less than a NIfTI header "
+                         "(348 bytes)", path=path)
+    if head[344:348] == b"ni1\x00":
+        raise InputError("header says the data are in a separate .img file (NIfTI pair); name it .hdr", path=path)
+    raise InputError("not a NIfTI file (no NIfTI-1 'n+1' or NIfTI-2 'n+2' magic in the header)", path=path)
+
+
+def _pixdim_geometry_check(raw_hdr, hdr, ndim, path):
+    """Voxel sizes must be positive when they define the geometry (no sform)."""
+    if int(hdr["sform_code"]) > 0:
+        return
+    pix = np.asarray(raw_hdr["pixdim"][1:1 + max(1, min(3, ndim))], dtype=np.float64)
+    if not np.all(np.isfinite(pix)) or np.any(pix <= 0):
+        source = "qform" if int(hdr["qform_code"]) > 0 else "voxel sizes alone (no sform or qform)"
+        raise InputError(f"voxel size (pixdim) {[float(v) for v in pix]} mm is not positive/finite, and the "
+                         f"geometry comes from the {source}", path=path)
+
+
+def _grid_corners(shape) -> np.ndarray:
+    dims = [max(int(s), 1) for s in tuple(shape)[:3]] + [1] * (3 - min(len(shape), 3))
+    corners = np.array(np.meshgrid(*[[0, d - 1] for d in dims], indexing="ij")).reshape(3, -1)
+    return np.vstack([corners, np.ones((1, corners.shape[1]))])
+
+
+def _nifti_affine(hdr, shape, notes):
+    """(vox2ras, name) following nibabel: sform if sform_code > 0, else qform, else voxel sizes."""
+    scode, qcode = int(hdr["sform_code"]), int(hdr["qform_code"])
+    with np.errstate(all="ignore"):
+        if scode > 0:
+            sform = hdr.get_sform()
+            if qcode > 0:
+                try:
+                    qform = hdr.get_qform()
+                    gap = float(np.max(np.linalg.norm(((sform - qform) @ _grid_corners(shape))[:3], axis=0)))
+                except Exception:  # noqa: BLE001 - a broken qform is only worth a warning here
+                    gap = float("nan")
+                if not np.isfinite(gap):
+                    notes.append(f"qform is invalid; using the sform (sform_code {scode})")
+                elif gap > SFORM_QFORM_TOL_MM:
+                    notes.append(f"sform and qform disagree by up to {gap:.3g} mm at the image corners; "
+                                 f"using the sform (sform_code {scode}), as nibabel does")
+            return sform, "voxel-to-world matrix (sform)"
+        if qcode > 0:
+            return hdr.get_qform(), "voxel-to-world matrix (qform)"
+        return hdr.get_base_affine(), "voxel-to-world matrix (from voxel sizes; no sform or qform)"
+
+
+def _read_nifti(path: Path) -> _Raw:
+    """Read a single-file NIfTI-1/2 (.nii or .nii.gz) with every check of the module docstring."""
+    notes: list = []
+    try:
+        fh, compressed = _open_data(path)
+    except OSError as exc:
+        raise InputError(f"cannot read: {_oserror_text(exc)}", path=path) from exc
+    with contextlib.closing(fh), _captured_library_messages(notes):
+        try:
+            head = bytearray(544)
+            head = bytes(head[:_fill(fh, memoryview(head))])
+        except OSError as exc:
+            raise InputError(f"cannot read: {_oserror_text(exc)}", path=path) from exc
+        except _GzipCut as exc:
+            raise InputError("file is truncated (the compressed stream ends inside the header)", path=path) from exc
+        klass = _header_class(head, path)
+        try:
+            raw_hdr = klass(head[:klass.sizeof_hdr], check=False)
+            hdr = klass(head[:klass.sizeof_hdr], check=True)
+            shape = tuple(int(s) for s in hdr.get_data_shape())
+            dtype = _check_dtype(hdr.get_data_dtype(), path)
+            slope, inter = hdr.get_slope_inter()
+            vox_offset = float(raw_hdr["vox_offset"])
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for invalid headers
+            raise InputError(f"invalid NIfTI header: {_short(exc)}", path=path) from exc
+        if not shape or any(s <= 0 for s in shape):
+            raise InputError(f"header dimensions {shape} are not positive (the image holds no voxels)", path=path)
+        if not (np.isfinite(vox_offset) and 0 <= vox_offset <= MAX_VOX_OFFSET):
+            raise InputError(f"header's data offset (vox_offset {vox_offset:g}) is not plausible", path=path)
+        offset = max(int(vox_offset), klass.sizeof_hdr + 4)  # < minimum: data right after (as niftilib)
+        scaled = slope is not None and (slope != 1.0 or inter != 0.0)
+        check_memory(shape, dtype, path, compressed=compressed, scaled=scaled, extra=offset)
+        _pixdim_geometry_check(raw_hdr, hdr, len(shape), path)
+        nbytes = math.prod(shape) * dtype.itemsize
+        expected = offset + nbytes
+        if not compressed:
+            size = os.fstat(fh.fileno()).st_size
+            _check_data_size(size, expected, shape, dtype, offset, path, compressed)
+        try:
+            buf = bytearray(expected)
+            n0 = min(len(head), expected)
+            buf[:n0] = head[:n0]
+            got = n0 + _fill(fh, memoryview(buf)[n0:])
+            if got == expected:  # read on: more data than the header says? (and the gzip end checks)
+                got += len(head) - n0 if len(head) > expected else len(fh.read(1))
+        except (MemoryError, OverflowError) as exc:
+            raise InputError(f"not enough memory to read the image ({_gib(expected)} GiB)", path=path) from exc
+        except OSError as exc:
+            raise InputError(f"cannot read: {_oserror_text(exc)}", path=path) from exc
+        except _GzipCut as exc:
+            if exc.produced >= expected:
+                raise InputError("the compressed stream does not end properly (its end marker is cut off)",
+                                 path=path) from exc
+            got = exc.produced
+        _check_data_size(got, expected, shape, dtype, offset, path, compressed)
+        try:
+            data = np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape, order="F")
+            if scaled:
+                data = data * np.float64(slope) + np.float64(inter)
+            header = klass.from_fileobj(_io.BytesIO(bytes(buf[:offset])), check=True)
+            vox2ras, name = _nifti_affine(hdr, shape, notes)
+        except InputError:
+            raise
+        except MemoryError as exc:
+            raise InputError(f"not enough memory to read the image ({expected / _GIB:.1f} GiB)", path=path) from exc
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"invalid NIfTI header: {_short(exc)}", path=path) from exc
+    notes[:] = list(dict.fromkeys(notes))
+    return _Raw(data, vox2ras, header, name, notes)
+
+
+def _check_data_size(got, expected, shape, dtype, offset, path, compressed):
+    if got == expected:
+        return
+    what = f"header dimensions {shape} of {dtype.name} need {expected - offset} bytes of data after byte {offset}"
+    if got < expected:
+        raise InputError(f"file is truncated: {what}, the file holds {max(got - offset, 0)}", path=path)
+    more = "more" if compressed and got == expected + 1 else f"{got - offset}"
+    raise InputError(f"header dimensions do not match the data: {what}, the file holds {more}", path=path)
+
+
+def _read_nifti_pair(path: Path) -> _Raw:
+    """NIfTI/Analyze pairs (.hdr/.img): nibabel, checked the same way where it applies."""
+    import nibabel as nib
+
+    notes: list = []
+    with _captured_library_messages(notes):
+        try:
+            img = nib.load(str(path), mmap=False)
+            shape = tuple(int(s) for s in img.shape)
+            dtype = _check_dtype(img.get_data_dtype(), path)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for damaged files
+            raise InputError(f"cannot read as NIfTI: {_short(exc)}", path=path) from exc
+        if not shape or any(s <= 0 for s in shape):
+            raise InputError(f"header dimensions {shape} are not positive (the image holds no voxels)", path=path)
+        check_memory(shape, dtype, path, scaled=True)
+        try:
+            data = np.asanyarray(img.dataobj)  # read here, inside the try, not lazily later
+            vox2ras = img.affine
+        except MemoryError as exc:
+            raise InputError("not enough memory to read the image", path=path) from exc
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"cannot read as NIfTI: {_short(exc)}", path=path) from exc
     if vox2ras is None:
         raise InputError("image has no voxel-to-world matrix", path=path)
-    return _finish(data, vox2ras, str(path), volume, header=img.header.copy(), allow_constant=allow_constant)
+    return _Raw(data, vox2ras, img.header.copy(), "voxel-to-world matrix", notes)
 
 
-def _load_sitk(path: Path, volume, allow_constant=False) -> Volume:
+# --------------------------------------------------------------------------------------------------
+# SimpleITK (other formats, DICOM series folders)
+
+
+def itk_reason(exc: Exception) -> str:
+    """The useful part of an ITK exception message: the text of its ERROR line, without the C++ file,
+    line and object address (``ITK ERROR: MetaImageIO(0x55...): File cannot be read`` -> ``File
+    cannot be read``)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = next((ln for ln in lines if "ERROR:" in ln), lines[-1] if lines else type(exc).__name__)
+    text = text.split("ERROR:", 1)[-1].strip()
+    text = re.sub(r"^\w+(<[^>]*>)?\(0x[0-9a-fA-F]+\):\s*", "", text)
+    return _short(Exception(text or type(exc).__name__))
+
+
+def _sitk_pixel_dtype(reader):
     import SimpleITK as sitk
 
-    try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            files = reader.GetGDCMSeriesFileNames(str(path))
-            if not files:
-                raise InputError("folder holds no DICOM series", path=path)
-            reader.SetFileNames(files)
-            img = reader.Execute()
-        else:
-            img = sitk.ReadImage(str(path))
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"not an image SimpleITK can read: {_short(exc)}") from exc
-    return _finish(*sitk_to_array(img), str(path), volume, allow_constant=allow_constant)
+    pid = reader.GetPixelID()
+    name = sitk.GetPixelIDValueAsString(pid).lower()
+    if "complex" in name:
+        raise InputError(f"complex-valued images ({name}) are not supported; use the magnitude",
+                         path=reader.GetFileName())
+    return 8 if ("64" in name or "double" in name) else 4
+
+
+def _read_sitk(path: Path) -> _Raw:
+    import SimpleITK as sitk
+
+    with quiet_native_stderr():
+        try:
+            if path.is_dir():
+                series = sitk.ImageSeriesReader()
+                files = series.GetGDCMSeriesFileNames(str(path))
+                if not files:
+                    raise InputError("folder holds no DICOM series (give an image file or a DICOM folder)",
+                                     path=path)
+                info = sitk.ImageFileReader()
+                info.SetFileName(files[0])
+                info.ReadImageInformation()
+                size = tuple(info.GetSize()[:2]) + (len(files),)
+                check_memory(size + ((info.GetNumberOfComponents(),) if info.GetNumberOfComponents() > 1 else ()),
+                             np.float64 if _sitk_pixel_dtype(info) == 8 else np.float32, path)
+                series.SetFileNames(files)
+                img = series.Execute()
+            else:
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(path))
+                reader.ReadImageInformation()
+                size = tuple(int(s) for s in reader.GetSize())
+                if reader.GetNumberOfComponents() > 1:
+                    size = size + (int(reader.GetNumberOfComponents()),)
+                if not size or any(s <= 0 for s in size):
+                    raise InputError(f"image dimensions {size} are not positive", path=path)
+                check_memory(size, np.float64 if _sitk_pixel_dtype(reader) == 8 else np.float32, path)
+                img = reader.Execute()
+            data, vox2ras = sitk_to_array(img)
+        except InputError:
+            raise
+        except MemoryError as exc:
+            raise InputError("not enough memory to read the image", path=path) from exc
+        except Exception as exc:  # noqa: BLE001 - ITK raises RuntimeError; anything else is the same
+            what = "DICOM series" if path.is_dir() else "image file"
+            raise InputError(f"not an {what} regkl can read (NIfTI, NRRD, MetaImage, MINC, ...): "
+                             f"{itk_reason(exc)}", path=path) from exc
+    _check_dtype(data.dtype, path)
+    return _Raw(data, vox2ras, None, "voxel-to-world matrix", [])
 
 
 def sitk_to_array(img):
     """SimpleITK image -> (array in (i, j, k[, t]) order, vox2ras 4x4)."""
+    dim = img.GetDimension()
     import SimpleITK as sitk
 
-    dim = img.GetDimension()
     arr = sitk.GetArrayFromImage(img)  # (k, j, i) or (t, k, j, i), components last
     if img.GetNumberOfComponentsPerPixel() > 1:
         arr = np.moveaxis(arr, -1, 0)  # components become the time axis
@@ -143,9 +680,116 @@ def array_to_sitk(data: np.ndarray, vox2ras: np.ndarray):
     return img
 
 
-def _short(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
+# --------------------------------------------------------------------------------------------------
+# public readers
+
+
+def check_input_path(path, what: str = "image") -> Path:
+    """The path as a Path if it can be read; InputError naming it otherwise.
+
+    Missing, not a regular file or folder (a pipe or device, which could block forever),
+    unreadable, or an empty file.
+    """
+    p = Path(path)
+    try:
+        if not p.exists():
+            raise InputError("no such file or folder", path=p)
+        if p.is_dir():
+            if not os.access(p, os.R_OK | os.X_OK):
+                raise InputError("folder is not readable (permission denied)", path=p)
+            return p
+        if not p.is_file():
+            raise InputError(f"not a regular file (a pipe, socket or device); give an {what} file", path=p)
+        if not os.access(p, os.R_OK):
+            raise InputError("file is not readable (permission denied)", path=p)
+        if p.stat().st_size == 0:
+            raise InputError("file is empty", path=p)
+    except OSError as exc:  # e.g. a name too long, a path through a file
+        raise InputError(f"cannot access: {_oserror_text(exc)}", path=p) from exc
+    return p
+
+
+def _read(path: Path) -> _Raw:
+    name = path.name.lower()
+    if path.is_dir():
+        return _read_sitk(path)
+    if name.endswith(NIFTI_SUFFIXES):
+        return _read_nifti(path)
+    if _is_nifti(path):
+        return _read_nifti_pair(path)
+    return _read_sitk(path)
+
+
+def _squeeze(data: np.ndarray) -> np.ndarray:
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return data
+
+
+def _check_shape3(shape, path):
+    if len(shape) != 3:
+        raise InputError(f"expected a 3D or 4D image, got {len(shape)}D with shape {shape}", path=path)
+    if min(shape) < 2:
+        raise InputError(f"image is too small to register (shape {shape}); a 3D volume needs at "
+                         "least 2 voxels along each axis", path=path)
+
+
+def _clean(data: np.ndarray, path: str, notes: list) -> np.ndarray:
+    """float32 C-ordered copy with NaN/infinite voxels set to 0 (a note), or InputError when too many."""
+    data = np.ascontiguousarray(data, dtype=np.float32)  # one pass: convert and reorder (NIfTI is F-ordered)
+    finite = np.isfinite(data)
+    n_bad = int(data.size - np.count_nonzero(finite))
+    if n_bad:
+        if n_bad == data.size:
+            raise InputError("every voxel is NaN or infinite", path=path)
+        if n_bad > data.size * MAX_NONFINITE_FRACTION:
+            raise InputError(f"{n_bad} of {data.size} voxels are NaN or infinite (more than "
+                             f"{MAX_NONFINITE_FRACTION:.0%})", path=path)
+        notes.append(f"{n_bad} NaN/infinite voxels ({n_bad / data.size:.2%}) set to 0")
+        data = np.where(finite, data, np.float32(0.0))
+    return data
+
+
+def _reduce_4d(data: np.ndarray, how, path: str):
+    """Reduce a 4D array (I, J, K, T) to 3D; returns (data, note)."""
+    n = data.shape[3]
+    if isinstance(how, str) and how.lstrip("-").isdigit():
+        how = int(how)
+    if isinstance(how, (int, np.integer)):
+        if not -n <= how < n:
+            raise InputError(f"volume {how} requested but the series has {n} volumes (0..{n - 1})", path=path)
+        return data[..., how], f"volume {int(how) % n} of {n}"
+    if how == "mean":
+        return np.mean(data, axis=3, dtype=np.float64), f"mean of {n} volumes"
+    if how == "median":
+        return np.median(data, axis=3), f"median of {n} volumes"
+    raise InputError(f"--moving-volume must be mean, median or a volume index, got {how!r}", path=path)
+
+
+def _finish(raw: _Raw, path: str, volume, allow_constant=False) -> Volume:
+    """Squeeze trailing singleton axes, reduce 4D, check geometry, clean non-finite values.
+
+    Errors come before any note is issued, so a refused image gives exactly one line.
+    """
+    data = _squeeze(raw.data)
+    if data.ndim > 4:
+        raise InputError(f"{data.ndim}D images are not supported (shape {data.shape})", path=path)
+    if data.ndim < 3:
+        raise InputError(f"expected a 3D or 4D image, got {data.ndim}D with shape {data.shape}", path=path)
+    _check_shape3(data.shape[:3], path)
+    vox2ras = check_vox2ras(raw.vox2ras, name=raw.matrix_name, path=path)
+    note = ""
+    if data.ndim == 4:
+        data, note = _reduce_4d(data, volume, path)
+    data = _clean(data, path, raw.notes)
+    if not allow_constant and float(data.max()) == float(data.min()):
+        raise InputError(f"image is constant (every voxel is {float(data.min()):g})", path=path)
+    return Volume(data, vox2ras, path, note, raw.header)
+
+
+def _issue(notes, path):
+    for text in dict.fromkeys(notes):
+        warnings.warn(f"{path}: {text}", stacklevel=3)
 
 
 def load_volume(path, *, volume="mean", allow_constant: bool = False) -> Volume:
@@ -163,54 +807,45 @@ def load_volume(path, *, volume="mean", allow_constant: bool = False) -> Volume:
     Raises
     ------
     InputError
-        Missing, unreadable or invalid image (message names the file and the problem).
+        Missing, unreadable or invalid image (message names the file and the problem); see the
+        module docstring for every check. Warnings (NaN voxels set to 0, header fields fixed,
+        sform/qform disagreement) are issued only for an accepted image.
     """
-    p = Path(path)
-    if not p.exists():
-        raise InputError("no such file or folder", path=p)
-    if p.is_file() and not os.access(p, os.R_OK):
-        raise InputError("file is not readable (permission denied)", path=p)
-    if p.is_file() and p.stat().st_size == 0:
-        raise InputError("file is empty", path=p)
-    if p.is_dir() or not _is_nifti(p):
-        return _load_sitk(p, volume, allow_constant)
-    return _load_nifti(p, volume, allow_constant)
+    p = check_input_path(path)
+    raw = _read(p)
+    with np.errstate(all="ignore"):  # overflow to inf (float64 -> float32) is counted by _clean instead
+        vol = _finish(raw, str(p), volume, allow_constant=allow_constant)
+    _issue(raw.notes, p)
+    return vol
 
 
 def load_series(path):
     """Read an image without reducing it: (list of 3D Volumes, 4D NIfTI header or None).
 
-    A 3D image gives a one-element list. Used to resample every volume of a 4D series.
+    A 3D image gives a one-element list. Used to resample every volume of a 4D series; the same
+    checks as :func:`load_volume` (constant images allowed: label maps).
     """
-    p = Path(path)
-    if not p.exists():
-        raise InputError("no such file or folder", path=p)
-    if p.is_file() and _is_nifti(p):
-        import nibabel as nib
+    p = check_input_path(path)
+    raw = _read(p)
+    with np.errstate(all="ignore"):
+        vols, header = _series(raw, p)
+    _issue(raw.notes, p)
+    return vols, header
 
-        try:
-            img = nib.load(str(p))
-            data = np.asanyarray(img.dataobj)
-        except Exception as exc:
-            raise InputError(f"cannot read as NIfTI: {_short(exc)}") from exc
-        header = img.header.copy()
-        vox2ras = img.affine
-    else:
-        import SimpleITK as sitk
 
-        try:
-            data, vox2ras = sitk_to_array(sitk.ReadImage(str(p)))
-        except RuntimeError as exc:
-            raise InputError(f"not an image SimpleITK can read: {_short(exc)}") from exc
-        header = None
-    while data.ndim > 4 and data.shape[-1] == 1:
-        data = data[..., 0]
+def _series(raw: _Raw, p: Path):
+    data = _squeeze(raw.data)
+    if data.ndim not in (3, 4):
+        raise InputError(f"expected a 3D or 4D image, got {data.ndim}D with shape {data.shape}", path=p)
+    _check_shape3(data.shape[:3], str(p))
+    vox2ras = check_vox2ras(raw.vox2ras, name=raw.matrix_name, path=p)
+    data = _clean(data, str(p), raw.notes)
+    header = raw.header
     if data.ndim == 3:
-        return [_finish(data, vox2ras, str(p), "mean", header=header, allow_constant=True)], header
-    if data.ndim != 4:
-        raise InputError(f"expected a 3D or 4D image, got shape {data.shape}", path=p)
-    vols = [_finish(np.asarray(data[..., t]), vox2ras, str(p), "mean", header=header, allow_constant=True)
-            for t in range(data.shape[3])]
+        vols = [Volume(data, vox2ras, str(p), "", header)]
+    else:
+        vols = [Volume(np.ascontiguousarray(data[..., t]), vox2ras, str(p), f"volume {t} of {data.shape[3]}", header)
+                for t in range(data.shape[3])]
     return vols, header
 
 
@@ -226,9 +861,108 @@ def stale_temp_files(folder) -> list:
     return sorted(p for p in Path(folder).rglob(".*") if p.is_file() and rx.match(p.name))
 
 
+def check_output_path(path, *, protect=()) -> Path:
+    """Refuse (OutputError naming it) an output that cannot be written, before any work is done.
+
+    It would overwrite an input (same path, or the same file through a link), it is a folder, its
+    folder does not exist or is not writable. Used by :func:`atomic_path`; callers may also check
+    their outputs up front, before a long computation.
+    """
+    dest = Path(path)
+    try:
+        for other in protect:
+            if other is None:
+                continue
+            if os.path.abspath(dest) == os.path.abspath(other) or (
+                    dest.exists() and Path(other).exists() and os.path.samefile(dest, other)):
+                raise OutputError("output would overwrite an input", path=dest)
+        folder = dest.parent if str(dest.parent) else Path(".")
+        if not folder.exists():
+            raise OutputError("output folder does not exist", path=dest)
+        if not folder.is_dir():
+            raise OutputError("output folder is not a folder", path=dest)
+        if dest.is_dir():
+            raise OutputError("output path is a folder", path=dest)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError("output folder is not writable (permission denied)", path=dest)
+    except OSError as exc:
+        raise OutputError(f"cannot write: {_oserror_text(exc)}", path=dest) from exc
+    return dest
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where possible (os.umask is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder) -> None:
+    """Make a rename durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_GROUP: contextvars.ContextVar = contextvars.ContextVar("regkl_output_group", default=None)
+
+
+@contextlib.contextmanager
+def output_group():
+    """All-or-nothing outputs: files written with :func:`atomic_path` inside the block are renamed
+    into place only when the whole block succeeds; otherwise none of them appears.
+
+    Each file is still written to its own temporary file and fsynced; the renames happen together
+    at the end. Two outputs with the same path in one group are refused (OutputError).
+
+    Examples
+    --------
+    >>> with output_group():                                          # doctest: +SKIP
+    ...     save_transform("x.tfm", m, "itk")
+    ...     save_volume(vol, "out.nii.gz")   # disk full here: neither x.tfm nor out.nii.gz is written
+    """
+    pending: list = []
+    token = _GROUP.set(pending)
+    try:
+        yield
+        for tmp, dest in pending:
+            try:
+                os.replace(tmp, dest)
+            except OSError as exc:
+                raise OutputError(f"cannot write: {_oserror_text(exc)}", path=dest) from exc
+        for folder in dict.fromkeys(dest.parent if str(dest.parent) else Path(".") for _, dest in pending):
+            _fsync_folder(folder)
+    finally:
+        _GROUP.reset(token)
+        for tmp, _ in pending:
+            with contextlib.suppress(OSError):
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path, *, protect=()):
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary file (hidden, ``.NAME.XXXXXXXX.tmpSUFFIX``, see :data:`TEMP_PATTERN`) is in the
+    destination's folder, so the rename is atomic; it is fsynced before the rename and the folder
+    after it. Whatever the block raises, the temporary file is removed and the destination (if it
+    existed) is untouched; an OSError (disk full, permission, I/O error) becomes an OutputError
+    naming the destination.
 
     Parameters
     ----------
@@ -237,35 +971,36 @@ def atomic_path(path, *, protect=()):
     protect : iterable of paths
         Inputs that must never be overwritten.
     """
-    dest = Path(path)
-    for other in protect:
-        if other is not None and Path(other).exists() and dest.exists() and os.path.samefile(dest, other):
-            raise OutputError("output would overwrite an input", path=dest)
-        if other is not None and os.path.abspath(dest) == os.path.abspath(other):
-            raise OutputError("output would overwrite an input", path=dest)
+    dest = check_output_path(path, protect=protect)
+    group = _GROUP.get()
+    if group is not None and any(os.path.abspath(dest) == os.path.abspath(d) for _, d in group):
+        raise OutputError("two outputs have the same path", path=dest)
     folder = dest.parent if str(dest.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError("output folder does not exist", path=dest)
-    if dest.is_dir():
-        raise OutputError("output path is a folder", path=dest)
-    if not os.access(folder, os.W_OK):
-        raise OutputError("output folder is not writable", path=dest)
     suffix = "".join(dest.suffixes[-2:]) if dest.name.lower().endswith(".gz") else dest.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffix}", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write: {_oserror_text(exc)}", path=dest) from exc
+    handed_over = False
+    try:
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
         yield Path(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, dest)
+        if group is not None:  # output_group renames every file together at its end
+            group.append((tmp, dest))
+            handed_over = True
+        else:
+            os.replace(tmp, dest)
+            _fsync_folder(folder)
     except OSError as exc:
-        raise OutputError(f"cannot write: {exc.strerror or exc}", path=dest) from exc
+        raise OutputError(f"cannot write: {_oserror_text(exc)}", path=dest) from exc
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if not handed_over:
+            with contextlib.suppress(OSError):
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
 
 
 #: Uncompressed bytes per gzip member when writing .nii.gz (members are compressed in parallel).
@@ -352,6 +1087,13 @@ def save_volume(vol: Volume, path, *, like: Volume | None = None, protect=(), dt
 
     with atomic_path(dest, protect=protect) as tmp:
         try:
-            sitk.WriteImage(array_to_sitk(data, vol.vox2ras), str(tmp))
+            with quiet_native_stderr():
+                sitk.WriteImage(array_to_sitk(data, vol.vox2ras), str(tmp))
         except RuntimeError as exc:
-            raise OutputError(f"cannot write image: {_short(exc)}", path=dest) from exc
+            import shutil
+
+            with contextlib.suppress(OSError):
+                if shutil.disk_usage(tmp.parent).free < data.nbytes:
+                    raise OutputError("cannot write: no space left on the device (disk full or quota exceeded)",
+                                      path=dest) from exc
+            raise OutputError(f"cannot write image: {itk_reason(exc)}", path=dest) from exc

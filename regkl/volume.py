@@ -13,6 +13,12 @@ import numpy as np
 from .errors import InputError
 
 
+#: Voxel sizes (mm) outside this range are refused as implausible (a header error).
+VOXEL_SIZE_RANGE_MM = (1e-6, 1e6)
+#: An image origin further than this (mm) from the world origin is refused as implausible.
+MAX_ORIGIN_MM = 1e9
+
+
 def check_vox2ras(matrix, *, name="vox2ras", path=None):
     """Validate a voxel-to-world matrix and return it as a float64 (4, 4) array.
 
@@ -28,20 +34,37 @@ def check_vox2ras(matrix, *, name="vox2ras", path=None):
     Raises
     ------
     InputError
-        If the matrix is not 4x4, not finite, has a last row other than ``[0, 0, 0, 1]`` or is
-        singular.
+        If the matrix is not 4x4, not finite, has a last row other than ``[0, 0, 0, 1]``, gives a
+        zero or implausible voxel size (outside :data:`VOXEL_SIZE_RANGE_MM`), an implausible
+        origin (beyond :data:`MAX_ORIGIN_MM`) or is singular (axes not independent).
     """
-    m = np.asarray(matrix, dtype=np.float64)
+    try:
+        m = np.asarray(matrix, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} is not a numeric matrix", path=path) from exc
     if m.shape != (4, 4):
         raise InputError(f"{name} must be 4x4, got shape {m.shape}", path=path)
     if not np.all(np.isfinite(m)):
-        raise InputError(f"{name} has non-finite entries", path=path)
+        raise InputError(f"{name} has non-finite entries (NaN or infinite)", path=path)
     if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0]):
         raise InputError(f"{name} last row is {m[3].tolist()}, expected [0, 0, 0, 1]", path=path)
     lin = m[:3, :3]
-    scale = np.linalg.norm(lin, axis=0)
-    if np.any(scale <= 1e-8) or abs(np.linalg.det(lin)) <= 1e-8 * np.prod(np.maximum(scale, 1e-300)):
-        raise InputError(f"{name} is singular (voxel sizes {np.round(scale, 6).tolist()} mm)", path=path)
+    with np.errstate(all="ignore"):
+        scale = np.linalg.norm(lin, axis=0)
+        sizes = np.round(scale, 6).tolist()
+        if np.any(scale <= 1e-8):
+            axes = [int(a) for a in np.flatnonzero(scale <= 1e-8)]
+            raise InputError(f"{name} gives a zero voxel size along axis {axes} (voxel sizes {sizes} mm)", path=path)
+        lo, hi = VOXEL_SIZE_RANGE_MM
+        if np.any(scale < lo) or np.any(scale > hi):
+            raise InputError(f"{name} gives an implausible voxel size (voxel sizes {sizes} mm; expected "
+                             f"{lo:g} to {hi:g} mm)", path=path)
+        if np.any(np.abs(m[:3, 3]) > MAX_ORIGIN_MM):
+            raise InputError(f"{name} puts the image implausibly far away (origin {m[:3, 3].tolist()} mm)",
+                             path=path)
+        if not abs(np.linalg.det(lin)) > 1e-8 * np.prod(scale):
+            raise InputError(f"{name} is singular: its axes are not independent (voxel sizes {sizes} mm)",
+                             path=path)
     return m
 
 
