@@ -108,7 +108,7 @@ def main():
     rows = []
     for label, kind, moving, fixed, truth, pts in cases(args.quick):
         t0 = time.perf_counter()
-        plain = register(moving, fixed)
+        register(moving, fixed)
         t_plain = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = register(moving, fixed, confidence=True)

@@ -32,3 +32,28 @@ def real_pair_paths():
     """(moving b0 EPI path, fixed T2w path) of the real pair."""
     need(REAL)
     return REAL / "b0_epi.nii.gz", REAL / "T2w.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def template():
+    """The MNI152 2009c template (T1 and tissue maps) for synthetic pairs."""
+    from regkl import synthetic
+
+    need(MNI)
+    return synthetic.load_template(MNI.parent)
+
+
+@pytest.fixture(scope="session")
+def t1(template):
+    """The fixed T1 of synthetic pairs (the template's T1 at 1 mm)."""
+    from regkl import synthetic
+
+    return synthetic.make_t1(template)
+
+
+@pytest.fixture(scope="session")
+def brain(template):
+    """Brain points (fixed world mm) over which RMS errors are measured."""
+    from regkl import synthetic
+
+    return synthetic.brain_points(template, step_vox=3)

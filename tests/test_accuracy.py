@@ -14,29 +14,6 @@ from regkl.optimize import register
 from regkl.transforms import euler_to_rotation, rms_displacement
 from regkl.volume import Volume
 
-from .conftest import MNI, need
-
-
-@pytest.fixture(scope="module")
-def template():
-    from regkl import synthetic
-
-    need(MNI)
-    return synthetic.load_template(MNI.parent)
-
-
-@pytest.fixture(scope="module")
-def t1(template):
-    from regkl import synthetic
-
-    return synthetic.make_t1(template)
-
-
-@pytest.fixture(scope="module")
-def brain(template):
-    from regkl import synthetic
-
-    return synthetic.brain_points(template, step_vox=3)
 
 
 def _pair(template, t1, seed, **epi_options):

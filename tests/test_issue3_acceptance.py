@@ -1,0 +1,85 @@
+"""Acceptance, issue 3 (small versions; the full measurements are benchmarks/bench_affine.py,
+bench_capture.py and bench_automask.py).
+
+Not here because they do not pass yet (issue 3 is open; see those benchmarks): known AFFINE
+recovery within 0.5 mm (mi, nmi and jsd show a +1.1 % scale bias on synthetic pairs, cr passes
+18/20), and the capture range on the REAL pair (one of 4 starts of 60-90 degrees ended 114 mm off).
+
+2. capture range: moving-header perturbations of 60-90 degrees about a random axis plus a shift
+   uniform in a 60 mm ball come back within 1 mm with DEFAULT settings (search 'auto'): 6 synthetic
+   starts (truth known);
+3. automatic masks: a brain-only EPI registered to the WHOLE-HEAD MNI152 T1 with auto_mask=True lands
+   within 0.5 mm of the result on the same T1 skull-stripped (2009c brain mask dilated by 5 mm),
+   2 synthetic EPIs.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from regkl.optimize import register
+from regkl.transforms import apply_matrix, rms_displacement
+from regkl.volume import Volume
+
+from .conftest import SHARED, need
+
+HEAD = SHARED / "mni152_fsl_head" / "mni152_T1w_head_2mm.nii.gz"
+
+
+def _perturbation(rng, centre, min_deg=60.0, max_deg=90.0, max_shift=60.0):
+    """Rotation by U[min_deg, max_deg] about a random axis through ``centre``, then a shift uniform in
+    a ball of radius ``max_shift`` mm."""
+    axis = rng.standard_normal(3)
+    x, y, z = axis / np.linalg.norm(axis)
+    k = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+    angle = math.radians(rng.uniform(min_deg, max_deg))
+    rot = np.eye(3) + math.sin(angle) * k + (1.0 - math.cos(angle)) * (k @ k)
+    direction = rng.standard_normal(3)
+    shift = direction / np.linalg.norm(direction) * max_shift * rng.uniform() ** (1.0 / 3.0)
+    p = np.eye(4)
+    p[:3, :3] = rot
+    p[:3, 3] = centre - rot @ centre + shift
+    return p
+
+
+@pytest.mark.slow
+def test_capture_range_synthetic_default_settings(template, t1, brain):
+    from regkl import synthetic
+
+    errors = []
+    for i in range(6):
+        rng = np.random.default_rng([41, i])
+        t0 = synthetic.random_rigid(rng, 5.0, 5.0, brain.mean(axis=0))
+        epi = synthetic.make_epi(template, t0, rng)
+        p = _perturbation(rng, epi.centre_of_mass())
+        result = register(Volume(epi.data, p @ epi.vox2ras), t1)
+        errors.append(rms_displacement(result.fixed2moving, p @ t0, brain))
+    print("capture synthetic (mm):", np.round(errors, 3).tolist())
+    assert max(errors) < 1.0, errors
+
+
+@pytest.mark.slow
+def test_auto_mask_whole_head_matches_skull_stripped(template, brain):
+    from scipy import ndimage
+
+    from regkl import synthetic
+    from regkl.io import load_volume
+
+    head = load_volume(need(HEAD))
+    idx = np.indices(head.shape, dtype=np.float64).reshape(3, -1).T
+    vox = apply_matrix(template.t1.ras2vox @ head.vox2ras, idx)
+    on_head = ndimage.map_coordinates(template.brain.astype(np.float32), vox.T, order=1).reshape(head.shape) >= 0.5
+    keep = ndimage.distance_transform_edt(~on_head, sampling=head.spacing) <= 5.0
+    stripped = Volume(head.data * keep, head.vox2ras)
+    diffs, unmasked = [], []
+    for seed in range(2):
+        rng = np.random.default_rng([11, seed])
+        truth = synthetic.random_rigid(rng, 15.0, 15.0, brain.mean(axis=0))
+        epi = synthetic.make_epi(template, truth, rng)
+        reference = register(epi, stripped).fixed2moving
+        diffs.append(rms_displacement(register(epi, head, auto_mask=True).fixed2moving, reference, brain))
+        unmasked.append(rms_displacement(register(epi, head).fixed2moving, reference, brain))
+    print("whole head + auto_mask vs skull-stripped (mm):", np.round(diffs, 3).tolist(),
+          "; without the mask:", np.round(unmasked, 3).tolist())
+    assert max(diffs) < 0.5, diffs
