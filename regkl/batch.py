@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
@@ -281,7 +281,3 @@ def write_summary(rows, out_dir, *, protect=()) -> tuple:
     with atomic_path(js, protect=protect) as tmp:
         Path(tmp).write_text(json.dumps(rows, indent=2))
     return tsv, js
-
-
-def job_dict(job: Job) -> dict:
-    return asdict(job)
