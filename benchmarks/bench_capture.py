@@ -17,7 +17,7 @@ expected answer.
 
 Tools: regkl with ``search='auto'`` (the default), ``'full'`` and ``'none'``, everything else default;
 SimpleITK's standard set-up, antspyx 'Rigid' and itk-elastix's default rigid map, exactly as in
-bench_rigid.py (their wrappers are imported from there). The other tools take 10-90 s per run, so
+bench_rigid.py (their wrappers are imported from there). The other tools take 5-370 s per run, so
 by default they run on the first ``--others-starts`` starts only (the table gives each tool's count).
 
 Part ``search`` (criterion 4): the bundled sample pair (data/sub-01_bold.nii.gz, mean volume ->
@@ -26,7 +26,8 @@ data/sub-01_T1w.nii.gz), ``search`` 'none' / 'auto' / 'full', ``--search-repeats
 
 Run: ``python benchmarks/bench_capture.py [--quick] [--part capture|search|all] [--starts N]
 [--others-starts K] [--tools regkl,sitk,ants,elastix]``. Defaults: 40 starts for regkl, 10 for the
-other tools: about 40 minutes on 2 cores (regkl alone, ``--tools regkl``: about 8 minutes).
+other tools: measured 80 minutes on 2 cores at load 4-7 (regkl alone, ``--tools regkl``, and the
+search part: 12 minutes at load ~2). Run it in the background with the output sent to a file.
 """
 
 from __future__ import annotations
