@@ -95,7 +95,7 @@ def _thinned(objective, step=3):
     smp = objective.samples
     sub = Samples(smp.points[::step].copy(), smp.values[::step].copy(), smp.bins[::step].copy(), smp.n_bins)
     return type(objective)(sub, objective.moving, objective.model, objective.metric_fn, objective.centre,
-                           objective.scales, objective.deadline)
+                           objective.scales, objective.deadline, objective.tol_mm)
 
 
 def assess(fine, params, centre, refine) -> Confidence:

@@ -302,6 +302,27 @@ def resample_nearest(data, vox2vox, out_shape0, out_shape1, out_shape2, fill):
     return out
 
 
+@njit(cache=True, parallel=True, fastmath=False)
+def block_mean(data, f0, f1, f2):
+    """Mean over non-overlapping f0 x f1 x f2 blocks (trailing partial blocks dropped), float32.
+
+    Accumulates in float64 per block, so the result does not depend on the thread count.
+    """
+    n0, n1, n2 = data.shape[0] // f0, data.shape[1] // f1, data.shape[2] // f2
+    out = np.empty((n0, n1, n2), dtype=np.float32)
+    inv = 1.0 / (f0 * f1 * f2)
+    for i in prange(n0):
+        for j in range(n1):
+            for k in range(n2):
+                acc = 0.0
+                for a in range(i * f0, i * f0 + f0):
+                    for b in range(j * f1, j * f1 + f1):
+                        for c in range(k * f2, k * f2 + f2):
+                            acc += data[a, b, c]
+                out[i, j, k] = acc * inv
+    return out
+
+
 #: Below this many sample points the serial builds are used: waking the thread pool costs more
 #: than the work (the coarsest level and the global search evaluate a few thousand points).
 SERIAL_BELOW = 20000
@@ -320,6 +341,7 @@ def warm_up():
     mat = np.eye(4)
     resample_linear(data, mat, 1, 1, 1, np.float32(0.0))
     resample_nearest(data, mat, 1, 1, 1, np.float32(0.0))
+    block_mean(data, 2, 2, 2)
     pts = np.zeros((1, 3))
     bins = np.zeros(1, dtype=np.int32)
     c, w = np.empty(1), np.empty(1)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from . import kernels
 from .volume import Volume
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -50,11 +51,7 @@ def downsample(volume: Volume, spacing_mm: float) -> Volume:
     data = volume.data
     vox2ras = volume.vox2ras
     if np.any(factors > 1):
-        shp = (np.asarray(data.shape) // factors) * factors
-        data = data[: shp[0], : shp[1], : shp[2]]
-        f0, f1, f2 = factors
-        data = data.reshape(shp[0] // f0, f0, shp[1] // f1, f1, shp[2] // f2, f2).mean(axis=(1, 3, 5),
-                                                                                          dtype=np.float32)
+        data = kernels.block_mean(np.ascontiguousarray(data), *(int(f) for f in factors))
         scale = np.eye(4)
         scale[:3, :3] = np.diag(factors)
         scale[:3, 3] = (factors - 1) / 2.0

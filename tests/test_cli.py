@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -153,3 +154,25 @@ def test_masks_from_cli_and_empty_mask_error(tmp_path, capsys, real_pair_paths):
     assert code == 0, err
     code, out, err = run(["register", moving, fixed, "--auto-mask", "--json"], capsys)
     assert code == 0 and json.loads(out)["settings"]["auto_mask"] is True
+
+
+def test_console_script_flushes_and_keeps_exit_codes(tmp_path):
+    """The `regkl` script ends with os._exit (no slow Numba teardown): stdout must still arrive whole,
+    files must be complete and the exit codes must be those of main()."""
+    repo = Path(__file__).resolve().parents[1] / "data"
+    entry = [sys.executable, "-c", "from regkl.cli import run; run()"]
+    out = tmp_path / "out.nii.gz"
+    ok = subprocess.run(entry + ["register", str(repo / "sub-01_bold.nii.gz"), str(repo / "sub-01_T1w.nii.gz"),
+                                 "-o", str(out), "--search", "none", "--json", "-q"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout)  # the whole JSON document, flushed before the exit
+    assert summary["output"] == str(out)
+    from regkl.io import load_volume
+
+    assert load_volume(out).shape == load_volume(repo / "sub-01_T1w.nii.gz").shape
+    bad = subprocess.run(entry + ["register", str(tmp_path / "missing.nii"), str(repo / "sub-01_T1w.nii.gz")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing.nii" in bad.stderr and bad.stdout == ""
+    version = subprocess.run(entry + ["--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and "regkl" in version.stdout

@@ -207,3 +207,15 @@ def test_resample_linear_matches_scipy():
     inside = np.all((coords >= 0) & (coords <= np.array(data.shape) - 1), axis=1).reshape(12, 13, 14)
     np.testing.assert_allclose(out[inside], ref[inside], rtol=1e-5, atol=1e-4)
     assert np.all(out[~inside] == -1)
+
+
+@pytest.mark.parametrize("shape,factors", [((15, 16, 17), (3, 3, 3)), ((9, 8, 7), (1, 2, 3)), ((5, 6, 7), (5, 1, 2)),
+                                           ((4, 4, 4), (1, 1, 1))])
+def test_block_mean_matches_numpy_reshape(shape, factors):
+    data = np.random.default_rng(sum(shape)).normal(size=shape).astype(np.float32)
+    f0, f1, f2 = factors
+    n0, n1, n2 = shape[0] // f0, shape[1] // f1, shape[2] // f2
+    ref = data[: n0 * f0, : n1 * f1, : n2 * f2].astype(np.float64).reshape(n0, f0, n1, f1, n2, f2).mean(axis=(1, 3, 5))
+    out = kernels.block_mean(data, f0, f1, f2)
+    assert out.shape == (n0, n1, n2) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
