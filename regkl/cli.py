@@ -312,18 +312,22 @@ class _Progress:
 @click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--report", "report_out", type=click.Path(dir_okay=False),
+              help="HTML report of every pair (QC pictures, confidence, errors; worst first) "
+                   "[default: regkl_report.html in the results folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_scheduler, force, model, metric, prior,
-              bins, sampling, search, auto_mask, moving_volume, interp, seed, as_json, quiet, debug):
+              bins, sampling, search, auto_mask, moving_volume, interp, seed, report_out, as_json, quiet, debug):
     """Register every EPI of a BIDS dataset (or plain folder ROOT) to its subject's T1w.
 
     BIDS: sub-*/[ses-*/]func/*_bold.nii[.gz] (and --suffixes) onto the same subject's
     anat/*_T1w.nii[.gz], preferring the same session. Results go to ROOT/derivatives/regkl with
     BIDS-derivative names (..._space-T1w_desc-coreg_bold.nii.gz, ..._from-bold_to-T1w_mode-image_xfm.txt),
-    plus regkl_summary.tsv and .json. Pairs already complete are skipped (resumable; --force redoes
-    them); a failing pair never stops the others. Exit code 1 if any pair failed.
+    plus regkl_summary.tsv and .json and an HTML report (regkl_report.html: every pair with a QC
+    picture, worst first). Pairs already complete are skipped (resumable; --force redoes them); a
+    failing pair never stops the others. Exit code 1 if any pair failed.
 
     \b
     Examples:
@@ -334,6 +338,7 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     from . import batch
     from .errors import InputError
     from .io import stale_temp_files
+    from .report import write_report
 
     rootp = Path(root)
     if not rootp.is_dir():
@@ -354,6 +359,9 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     if not jobs:
         raise InputError("found no images to register (BIDS: sub-*/[ses-*/]func/*_bold.nii[.gz]; "
                          "plain folders: --moving-glob/--fixed-glob)", path=root)
+    inputs = sorted({p for j in jobs for p in (j.moving, j.fixed) if p})
+    if report_out:
+        _check_output(report_out, inputs)
     out.mkdir(parents=True, exist_ok=True)
     for stale in stale_temp_files(out):
         stale.unlink()
@@ -373,8 +381,10 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     by_sidecar = {j.sidecar: r for j, r in zip(todo, rows)}
     all_rows = [by_sidecar.get(j.sidecar) or done_rows[j.sidecar] for j in jobs]
     tsv, _ = batch.write_summary(all_rows, out)
+    page = write_report(all_rows, report_out or out / "regkl_report.html", title=f"regkl batch report: {rootp.name}",
+                        source=f"results in {out}", protect=inputs)
     failed = sum(r["status"] == "failed" for r in all_rows)
-    say(f"{len(all_rows) - failed} of {len(all_rows)} pairs ok; summary: {tsv}")
+    say(f"{len(all_rows) - failed} of {len(all_rows)} pairs ok; summary: {tsv}; report: {page}")
     if as_json:
         click.echo(json.dumps(all_rows, indent=2))
     if failed:
@@ -392,6 +402,29 @@ def _write_dataset_description(out):
             "GeneratedBy": [{"Name": "regkl", "Version": __version__}]}
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(desc, indent=2))
+
+
+@cli.command("report")
+@click.argument("summary", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+@click.option("--title", default=None, help="Page title [default: from the results folder's name].")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def report_cmd(summary, output, title, debug):
+    """HTML report of a finished batch, from SUMMARY (regkl_summary.json or the folder holding it).
+
+    Every pair with its QC picture, identifiers, metric, time, confidence, suspect flag and error;
+    worst first, sortable by any column. Self-contained: pictures are embedded in the file.
+
+    \b
+    Example:
+      regkl report /data/ds000001/derivatives/regkl -o report.html
+    """
+    from .report import load_summary, write_report
+
+    rows, source = load_summary(summary)
+    _check_output(output, (source,))
+    write_report(rows, output, title=title or f"regkl batch report: {source.parent.name}",
+                 source=f"from {source}", protect=(source,))
 
 
 @cli.command("apply")
