@@ -423,8 +423,11 @@ def report_cmd(summary, output, title, debug):
 
     rows, source = load_summary(summary)
     _check_output(output, (source,))
-    write_report(rows, output, title=title or f"regkl batch report: {source.parent.name}",
-                 source=f"from {source}", protect=(source,))
+    folder = source.resolve().parent
+    if folder.name == "regkl" and folder.parent.name == "derivatives":  # the default ROOT/derivatives/regkl
+        folder = folder.parent.parent
+    write_report(rows, output, title=title or f"regkl batch report: {folder.name}", source=f"from {source}",
+                 protect=(source,))
 
 
 @cli.command("apply")
