@@ -19,6 +19,7 @@ echo "dataset: $ds" >&2
 # Register every run (2 processes); results in $ds/derivatives/regkl, summary on stdout as TSV.
 regkl batch "$ds" --jobs 2
 column -t -s $'\t' "$ds/derivatives/regkl/regkl_summary.tsv" | cut -c1-160
+echo "HTML report (QC pictures, worst first): $ds/derivatives/regkl/regkl_report.html" >&2
 
 # Running it again skips the completed pairs (resumable); --force would redo them.
 regkl batch "$ds" --jobs 2 --json -q | python3 -c 'import json,sys; print({r["status"] for r in json.load(sys.stdin)})'

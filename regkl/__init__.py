@@ -21,6 +21,8 @@ if "numpy" not in _sys.modules:
 from .errors import RegklError, InputError, RegistrationError  # noqa: E402,F401
 from .volume import Volume  # noqa: E402,F401
 
+__all__ = ["__version__", "RegklError", "InputError", "RegistrationError", "Volume", "register"]
+
 
 def register(*args, **kwargs):
     """Register a moving volume to a fixed one; see :func:`regkl.optimize.register`."""

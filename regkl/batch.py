@@ -5,7 +5,8 @@ never raises (a failure becomes a row with ``status='failed'``). Jobs run in loc
 (:func:`run_local`) or on an existing Dask cluster (:func:`run_dask`). A job is complete when its
 sidecar JSON exists and every output it lists is present with the recorded size: the sidecar is
 written last, and every file is written atomically, so a killed batch leaves nothing a later run
-mistakes for complete.
+mistakes for complete. Each pair also gets a small QC picture (:func:`regkl.qc.qc_thumbnail`,
+when matplotlib is installed), which :mod:`regkl.report` embeds in the batch's HTML report.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ BIDS_FIXED_SUFFIX = "T1w"
 NIFTI = re.compile(r"\.nii(\.gz)?$")
 
 SUMMARY_COLUMNS = ("subject", "session", "moving", "fixed", "output", "transform", "status", "metric",
-                   "metric_before", "metric_after", "confidence", "suspect", "seconds", "error")
+                   "metric_before", "metric_after", "confidence", "suspect", "seconds", "error", "qc")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class Job:
     subject: str = ""
     session: str = ""
     options: dict = field(default_factory=dict)
+    qc: str = ""  #: small QC picture (PNG) for the report; "" for none
+
+
+def entities(name: str) -> dict:
+    """BIDS entities of a file name (``{'sub': '01', 'task': 'rest', 'run': '1'}``); {} if there are none."""
+    return dict(_entities(Path(name).name)[0])
 
 
 def _entities(name: str):
@@ -97,6 +104,7 @@ def discover_bids(root, out_dir, *, suffixes=("bold", "sbref", "dwi"), options=N
                     output=str(folder / f"{base}_space-T1w_desc-coreg_{suffix}.nii.gz"),
                     transform=str(folder / f"{base}_from-{suffix}_to-T1w_mode-image_xfm.txt"),
                     sidecar=str(folder / f"{base}_from-{suffix}_to-T1w_desc-regkl_summary.json"),
+                    qc=str(folder / f"{base}_space-T1w_desc-qc_{suffix}.png"),
                     subject=sub, session=session, options=dict(options or {})))
     return jobs
 
@@ -124,7 +132,8 @@ def discover_glob(root, out_dir, moving_glob: str, fixed_glob: str, *, options=N
         dest = out_dir / rel
         jobs.append(Job(moving=str(moving), fixed=str(fixed) if fixed else "",
                         output=str(dest / f"{stem}_coreg.nii.gz"), transform=str(dest / f"{stem}_xfm.txt"),
-                        sidecar=str(dest / f"{stem}_regkl.json"), subject=str(rel), options=dict(options or {})))
+                        sidecar=str(dest / f"{stem}_regkl.json"), qc=str(dest / f"{stem}_qc.png"),
+                        subject=str(rel), options=dict(options or {})))
     return jobs
 
 
@@ -140,7 +149,7 @@ def is_complete(job: Job) -> bool:
     return bool(sizes) and all(Path(p).is_file() and Path(p).stat().st_size == n for p, n in sizes.items())
 
 
-def _row(job: Job, status: str, seconds: float, error: str = "", result=None) -> dict:
+def _row(job: Job, status: str, seconds: float, error: str = "", result=None, qc: str = "") -> dict:
     return {"subject": job.subject, "session": job.session, "moving": job.moving, "fixed": job.fixed,
             "output": job.output, "transform": job.transform, "status": status,
             "metric": job.options.get("metric", "mi"),
@@ -148,7 +157,7 @@ def _row(job: Job, status: str, seconds: float, error: str = "", result=None) ->
             "metric_after": None if result is None else result.metric_after,
             "confidence": None if result is None or result.confidence is None else round(result.confidence.score, 4),
             "suspect": None if result is None or result.confidence is None else bool(result.confidence.suspect),
-            "seconds": round(seconds, 3), "error": error}
+            "seconds": round(seconds, 3), "error": error, "qc": qc}
 
 
 def run_job(job: Job, threads: int | None = None) -> dict:
@@ -179,19 +188,33 @@ def run_job(job: Job, threads: int | None = None) -> dict:
         result = register(moving, fixed, **opts)
         Path(job.output).parent.mkdir(parents=True, exist_ok=True)
         inputs = (job.moving, job.fixed)
-        save_volume(resample(moving, fixed, result.fixed2moving, interp=interp), job.output, like=fixed,
-                    protect=inputs)
+        registered = resample(moving, fixed, result.fixed2moving, interp=interp)
+        save_volume(registered, job.output, like=fixed, protect=inputs)
         save_transform(job.transform, result.fixed2moving, "itk", protect=inputs)
-        row = _row(job, "ok", time.perf_counter() - t0, result=result)
+        qc = _thumbnail(job, fixed, registered, inputs)
+        row = _row(job, "ok", time.perf_counter() - t0, result=result, qc=qc)
+        outputs = (job.output, job.transform) + ((qc,) if qc else ())
         record = {**row, "fixed2moving_ras": result.fixed2moving.tolist(), "options": job.options,
                   "confidence_evidence": None if result.confidence is None else result.confidence.as_dict(),
-                  "output_sizes": {p: Path(p).stat().st_size for p in (job.output, job.transform)}}
+                  "output_sizes": {p: Path(p).stat().st_size for p in outputs}}
         with atomic_path(job.sidecar, protect=inputs) as tmp:  # written last: marks completion
             Path(tmp).write_text(json.dumps(record, indent=2))
         return row
     except Exception as exc:  # noqa: BLE001 - one failing pair never stops the others
         text = " ".join(str(exc).split())[:500] or type(exc).__name__
         return _row(job, "failed", time.perf_counter() - t0, error=text)
+
+
+def _thumbnail(job: Job, fixed, registered, inputs) -> str:
+    """Write the job's QC thumbnail; its path, or "" when the job has none or matplotlib is missing."""
+    import importlib.util
+
+    if not job.qc or importlib.util.find_spec("matplotlib") is None:
+        return ""
+    from .qc import qc_thumbnail
+
+    qc_thumbnail(fixed, registered, job.qc, protect=inputs)
+    return job.qc
 
 
 def _worker_init(threads):

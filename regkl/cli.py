@@ -312,18 +312,22 @@ class _Progress:
 @click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--report", "report_out", type=click.Path(dir_okay=False),
+              help="HTML report of every pair (QC pictures, confidence, errors; worst first) "
+                   "[default: regkl_report.html in the results folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_scheduler, force, model, metric, prior,
-              bins, sampling, search, auto_mask, moving_volume, interp, seed, as_json, quiet, debug):
+              bins, sampling, search, auto_mask, moving_volume, interp, seed, report_out, as_json, quiet, debug):
     """Register every EPI of a BIDS dataset (or plain folder ROOT) to its subject's T1w.
 
     BIDS: sub-*/[ses-*/]func/*_bold.nii[.gz] (and --suffixes) onto the same subject's
     anat/*_T1w.nii[.gz], preferring the same session. Results go to ROOT/derivatives/regkl with
     BIDS-derivative names (..._space-T1w_desc-coreg_bold.nii.gz, ..._from-bold_to-T1w_mode-image_xfm.txt),
-    plus regkl_summary.tsv and .json. Pairs already complete are skipped (resumable; --force redoes
-    them); a failing pair never stops the others. Exit code 1 if any pair failed.
+    plus regkl_summary.tsv and .json and an HTML report (regkl_report.html: every pair with a QC
+    picture, worst first). Pairs already complete are skipped (resumable; --force redoes them); a
+    failing pair never stops the others. Exit code 1 if any pair failed.
 
     \b
     Examples:
@@ -334,6 +338,7 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     from . import batch
     from .errors import InputError
     from .io import stale_temp_files
+    from .report import write_report
 
     rootp = Path(root)
     if not rootp.is_dir():
@@ -354,6 +359,9 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     if not jobs:
         raise InputError("found no images to register (BIDS: sub-*/[ses-*/]func/*_bold.nii[.gz]; "
                          "plain folders: --moving-glob/--fixed-glob)", path=root)
+    inputs = sorted({p for j in jobs for p in (j.moving, j.fixed) if p})
+    if report_out:
+        _check_output(report_out, inputs)
     out.mkdir(parents=True, exist_ok=True)
     for stale in stale_temp_files(out):
         stale.unlink()
@@ -373,8 +381,10 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     by_sidecar = {j.sidecar: r for j, r in zip(todo, rows)}
     all_rows = [by_sidecar.get(j.sidecar) or done_rows[j.sidecar] for j in jobs]
     tsv, _ = batch.write_summary(all_rows, out)
+    page = write_report(all_rows, report_out or out / "regkl_report.html", title=f"regkl batch report: {rootp.name}",
+                        source=f"results in {out}", protect=inputs)
     failed = sum(r["status"] == "failed" for r in all_rows)
-    say(f"{len(all_rows) - failed} of {len(all_rows)} pairs ok; summary: {tsv}")
+    say(f"{len(all_rows) - failed} of {len(all_rows)} pairs ok; summary: {tsv}; report: {page}")
     if as_json:
         click.echo(json.dumps(all_rows, indent=2))
     if failed:
@@ -392,6 +402,32 @@ def _write_dataset_description(out):
             "GeneratedBy": [{"Name": "regkl", "Version": __version__}]}
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(desc, indent=2))
+
+
+@cli.command("report")
+@click.argument("summary", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+@click.option("--title", default=None, help="Page title [default: from the results folder's name].")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def report_cmd(summary, output, title, debug):
+    """HTML report of a finished batch, from SUMMARY (regkl_summary.json or the folder holding it).
+
+    Every pair with its QC picture, identifiers, metric, time, confidence, suspect flag and error;
+    worst first, sortable by any column. Self-contained: pictures are embedded in the file.
+
+    \b
+    Example:
+      regkl report /data/ds000001/derivatives/regkl -o report.html
+    """
+    from .report import load_summary, write_report
+
+    rows, source = load_summary(summary)
+    _check_output(output, (source,))
+    folder = source.resolve().parent
+    if folder.name == "regkl" and folder.parent.name == "derivatives":  # the default ROOT/derivatives/regkl
+        folder = folder.parent.parent
+    write_report(rows, output, title=title or f"regkl batch report: {folder.name}", source=f"from {source}",
+                 protect=(source,))
 
 
 @cli.command("apply")
@@ -549,6 +585,80 @@ def metric_cmd(moving, fixed, metric_names, transform, prior, bins, moving_volum
         for name, value in out.items():
             click.echo(f"{name}\t{value:.6f}")
         click.echo(f"overlap\t{overlap:.4f}")
+
+
+@cli.command("profile")
+@click.argument("moving", type=click.Path(dir_okay=True))
+@click.argument("fixed", type=click.Path(dir_okay=True))
+@click.option("--transform", type=click.Path(dir_okay=False), help="Pose to profile (fixed->moving; ITK or RAS "
+              "file, e.g. from register --transform-out) [default: the headers as they are].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="PNG with the six curves (needs regkl[qc]).")
+@click.option("--metric", default="mi", show_default=True, help="As for register (kl needs --prior).")
+@click.option("--prior", type=click.Path(dir_okay=False), help="Prior for --metric kl.")
+@click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins.")
+@click.option("--sampling", default=1.0, show_default=True, type=float,
+              help="Fraction of the finest level's fixed grid points used.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the point sampling.")
+@click.option("--range-deg", default=20.0, show_default=True, type=float, help="Rotations from -R to +R degrees.")
+@click.option("--range-mm", default=20.0, show_default=True, type=float, help="Shifts from -R to +R mm.")
+@click.option("--steps", default=20, show_default=True, type=int, help="Points on each side of the pose.")
+@click.option("--fixed-mask", type=click.Path(dir_okay=False), help="As for register.")
+@click.option("--moving-mask", type=click.Path(dir_okay=False), help="As for register.")
+@click.option("--auto-mask", is_flag=True, help="As for register.")
+@click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the curves as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def profile_cmd(moving, fixed, transform, output, metric, prior, bins, sampling, seed, range_deg, range_mm, steps,
+                fixed_mask, moving_mask, auto_mask, moving_volume, as_json, quiet, debug):
+    """The metric along each rigid parameter around a pose: a picture of the cost landscape.
+
+    Rotations about R, A, S through the brain's centre and shifts along R, A, S, one at a time,
+    applied to the moving side of TRANSFORM, at the registration's finest level. A good solution
+    peaks at 0 on all six curves. Prints the best offset of each curve (or --json: every curve).
+
+    \b
+    Example:
+      regkl register bold.nii.gz T1w.nii.gz --transform-out bold2T1w.tfm
+      regkl profile bold.nii.gz T1w.nii.gz --transform bold2T1w.tfm -o profile.png
+    """
+    from .io import load_volume
+    from .landscape import PARAMETERS, check_settings, plot_profile, profile_metric
+    from .xfm import load_transform
+
+    say = _log(quiet)
+    check_settings(range_deg, range_mm, steps)
+    if not 0.0 < sampling <= 1.0:
+        raise click.BadParameter(f"must be in (0, 1], got {sampling:g}", param_hint="--sampling")
+    prior_table = _load_prior(metric, prior, bins)
+    inputs = tuple(p for p in (moving, fixed, transform, fixed_mask, moving_mask, prior) if p)
+    _check_output(output, inputs)
+    if output:
+        from .qc import _require_matplotlib
+
+        _require_matplotlib()
+    pose = np.eye(4) if transform is None else load_transform(transform)
+    fixed_vol = load_volume(fixed, volume="mean")
+    moving_vol = load_volume(moving, volume=_volume_option(moving_volume))
+    fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask, allow_constant=True)
+    moving_mask_vol = None if moving_mask is None else load_volume(moving_mask, allow_constant=True)
+    say(f"{6 * 2 * steps + 1} evaluations of {metric}")
+    prof = profile_metric(moving_vol, fixed_vol, pose, metric=metric, bins=bins, prior=prior_table,
+                          fixed_mask=fixed_mask_vol, moving_mask=moving_mask_vol, auto_mask=auto_mask,
+                          sampling=sampling, seed=seed, range_deg=range_deg, range_mm=range_mm, steps=steps)
+    say(f"{prof.n_points} points at {prof.spacing_mm:g} mm, {prof.seconds:.1f} s")
+    if output:
+        plot_profile(prof, output, protect=inputs,
+                     title=f"{os.path.basename(moving)} -> {os.path.basename(fixed)}: {metric} around "
+                           f"{os.path.basename(transform) if transform else 'the headers'}")
+    if as_json:
+        click.echo(json.dumps({"moving": moving, "fixed": fixed, "transform": transform, "output": output,
+                               **prof.as_dict()}))
+    else:
+        click.echo(f"at_pose\t{prof.at_pose:.6f}")
+        for k, (name, unit, _) in enumerate(PARAMETERS):
+            j = int(np.nanargmax(prof.values[k]))
+            click.echo(f"{name}\t{prof.best[k]:+g} {unit}\t{prof.values[k, j]:.6f}")
 
 
 @cli.command("stats")

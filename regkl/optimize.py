@@ -353,6 +353,50 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
     )
 
 
+class MetricProbe:
+    """The metric of two images at the registration's finest level, for any fixed->moving matrix.
+
+    The sample points, intensity ranges and masks are set up once, as :func:`register` sets up its
+    finest level, so many poses can be evaluated cheaply (:func:`evaluate_metric`,
+    :mod:`regkl.landscape`).
+
+    Parameters
+    ----------
+    moving, fixed : Volume
+    metric, bins, prior, fixed_mask, moving_mask, sampling, seed
+        As for :func:`register`.
+
+    Attributes
+    ----------
+    spacing_mm : float
+        Spacing of the finest level.
+    n_points : int
+        Fixed sample points.
+    min_valid : int
+        Points that must fall inside the moving image for a value (as in :func:`register`).
+    """
+
+    def __init__(self, moving: Volume, fixed: Volume, *, metric: str = "mi", bins: int = 24, prior=None,
+                 fixed_mask: Volume | None = None, moving_mask: Volume | None = None, sampling: float = 1.0,
+                 seed: int = 0):
+        spacing = pyramid.default_spacings(fixed, moving, 1)
+        self.spacing_mm = float(spacing[0])
+        self.level = _build_levels(moving, fixed, spacing, bins, sampling, np.random.default_rng(seed),
+                                   fixed_mask, moving_mask)[0]
+        self.metric_fn = get_metric(metric) if prior is None else get_metric(metric, prior=prior)
+        self.n_points = len(self.level.samples.points)
+        self.min_valid = max(64, int(MIN_OVERLAP * self.n_points))
+
+    def __call__(self, fixed2moving: np.ndarray):
+        """(metric value, or None where fewer than ``min_valid`` points overlap; overlap fraction; points inside)."""
+        ev = histogram.joint_histogram(self.level.samples, self.level.moving,
+                                       np.asarray(fixed2moving, dtype=np.float64))
+        overlap = float(ev.mov_w.sum() / self.n_points)
+        if ev.n_valid < self.min_valid:
+            return None, overlap, int(ev.n_valid)
+        return float(self.metric_fn(ev.hist)[0]), overlap, int(ev.n_valid)
+
+
 def evaluate_metric(moving: Volume, fixed: Volume, fixed2moving: np.ndarray | None = None, *, metric: str = "mi",
                     bins: int = 24, prior=None, fixed_mask: Volume | None = None,
                     moving_mask: Volume | None = None, sampling: float = 1.0, seed: int = 0):
@@ -373,17 +417,13 @@ def evaluate_metric(moving: Volume, fixed: Volume, fixed2moving: np.ndarray | No
     overlap : float
         Fraction of the fixed sample points that fall inside the moving image (and masks).
     """
-    spacing = pyramid.default_spacings(fixed, moving, 1)
-    level = _build_levels(moving, fixed, spacing, bins, sampling, np.random.default_rng(seed),
-                          fixed_mask, moving_mask)[0]
-    metric_fn = get_metric(metric) if prior is None else get_metric(metric, prior=prior)
-    m = np.eye(4) if fixed2moving is None else np.asarray(fixed2moving, dtype=np.float64)
-    ev = histogram.joint_histogram(level.samples, level.moving, m)
-    n = len(level.samples.points)
-    if ev.n_valid < max(64, int(MIN_OVERLAP * n)):
-        raise RegistrationError(f"the images do not overlap ({ev.n_valid} of {n} sample points inside the "
+    probe = MetricProbe(moving, fixed, metric=metric, bins=bins, prior=prior, fixed_mask=fixed_mask,
+                        moving_mask=moving_mask, sampling=sampling, seed=seed)
+    value, overlap, n_valid = probe(np.eye(4) if fixed2moving is None else fixed2moving)
+    if value is None:
+        raise RegistrationError(f"the images do not overlap ({n_valid} of {probe.n_points} sample points inside the "
                                 "moving image)")
-    return float(metric_fn(ev.hist)[0]), float(ev.mov_w.sum() / n)
+    return value, overlap
 
 
 def learn_prior(pairs, *, bins: int = 24, sampling: float = 1.0, seed: int = 0) -> np.ndarray:

@@ -378,14 +378,15 @@ def test_bad_image(case, role, good, tmp_path, out, capfd, monkeypatch):
     assert listing(out) == []
 
 
-@pytest.mark.parametrize("command", ["stats", "metric", "apply"])
+@pytest.mark.parametrize("command", ["stats", "metric", "apply", "profile"])
 def test_bad_image_other_commands(command, good, tmp_path, out, capfd):
     """The same reader serves every command: one representative bad input each."""
     bad = write(tmp_path / "bad" / "cut.nii", nifti_bytes(_B)[:5000])
     tfm = tmp_path / "identity.txt"
     tfm.write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
     argv = {"stats": ["stats", bad], "metric": ["metric", bad, good[1]],
-            "apply": ["apply", tfm, bad, good[1], "-o", out / "a.nii.gz", "-q"]}[command]
+            "apply": ["apply", tfm, bad, good[1], "-o", out / "a.nii.gz", "-q"],
+            "profile": ["profile", bad, good[1], "-o", out / "p.png", "-q"]}[command]
     code, stdout, err = run(argv, capfd)
     assert_one_line_error(code, stdout, err, path=bad, phrase="file is truncated")
     assert listing(out) == []
@@ -777,15 +778,38 @@ CLI_CASES = [
     ("mask_is_a_folder", ["register", "{moving}", "{fixed}", "--fixed-mask", "{out}"], "is a directory"),
     ("bins_not_a_number", ["register", "{moving}", "{fixed}", "--bins", "abc"], "not a valid integer"),
     ("transform_is_a_folder", ["apply", "{out}", "{moving}", "{fixed}", "-o", "{out}/a.nii.gz"], "is a directory"),
+    ("profile_steps_zero", ["profile", "{moving}", "{fixed}", "--steps", "0"], "--steps must be between 1 and 500"),
+    ("profile_range_mm_negative", ["profile", "{moving}", "{fixed}", "--range-mm", "-5"], "--range-mm must be in"),
+    ("profile_range_deg_nan", ["profile", "{moving}", "{fixed}", "--range-deg", "nan"], "--range-deg must be in"),
+    ("profile_sampling_zero", ["profile", "{moving}", "{fixed}", "--sampling", "0"], "must be in (0, 1]"),
+    ("profile_transform_missing", ["profile", "{moving}", "{fixed}", "--transform", "{out}/none.tfm"],
+     "none.tfm: no such transform file"),
+    ("profile_output_folder_missing", ["profile", "{moving}", "{fixed}", "-o", "{out}/nope/p.png"],
+     "nope/p.png: output folder does not exist"),
+    ("profile_output_is_fixed", ["profile", "{moving}", "{fixed}", "-o", "{fixed}"], "overwrite an input"),
+    ("profile_kl_without_prior", ["profile", "{moving}", "{fixed}", "--metric", "kl"], "needs --prior"),
+    ("report_summary_missing", ["report", "{out}/none.json", "-o", "{out}/r.html"], "none.json: no such file"),
+    ("report_summary_not_json", ["report", "{fixed}", "-o", "{out}/r.html"], "not a regkl batch summary"),
+    ("report_output_is_summary", ["report", "{out}/s.json", "-o", "{out}/s.json"], "overwrite an input"),
+    ("batch_report_folder_missing", ["batch", "{bids}", "--report", "{out}/nope/r.html"],
+     "r.html: output folder does not exist"),
 ]
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_usage_error_is_one_line(case, good, out, capfd):
     name, argv, phrase = case
-    argv = [a.format(moving=good[0], fixed=good[1], out=out) for a in argv]
+    (out / "s.json").write_text("[]")
+    bids = out / "bids"
+    for sub in ("sub-01/anat", "sub-01/func"):
+        (bids / sub).mkdir(parents=True)
+    os.link(good[1], bids / "sub-01/anat/sub-01_T1w.nii.gz")
+    os.link(good[0], bids / "sub-01/func/sub-01_task-rest_bold.nii.gz")
+    before = listing(out)
+    argv = [a.format(moving=good[0], fixed=good[1], out=out, bids=bids) for a in argv]
     code, stdout, err = run(argv, capfd)
     assert code == 2 and len(err.strip().splitlines()) == 1 and phrase in err, err
+    assert stdout == "" and listing(out) == before, listing(out)
 
 
 # --------------------------------------------------------------------------------------------------
