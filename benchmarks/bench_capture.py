@@ -106,6 +106,9 @@ def make_tools(names):
         if name == "regkl":
             tools += [RegklSearch("auto"), RegklSearch("full"), RegklSearch("none")]
             continue
+        if name.startswith("regkl-"):  # one search mode only, e.g. regkl-auto
+            tools.append(RegklSearch(name.split("-", 1)[1]))
+            continue
         tool = br.TOOLS[name]
         reason = tool.available()
         if reason:
@@ -319,7 +322,7 @@ def main(argv=None):
     ap.add_argument("--others-starts", type=int, default=None,
                     help="starts for SimpleITK/ANTs/elastix (default 10; 2 with --quick)")
     ap.add_argument("--quick", action="store_true", help="6 starts (2 for the other tools), 2 search repeats")
-    ap.add_argument("--tools", default="regkl,sitk,ants,elastix", help="comma list from regkl,sitk,ants,elastix,dipy")
+    ap.add_argument("--tools", default="regkl,sitk,ants,elastix", help="comma list from regkl (= regkl-auto,regkl-full,regkl-none),sitk,ants,elastix,dipy")
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--no-real", action="store_true")
     ap.add_argument("--seed", type=int, default=33, help="seed of the perturbations and synthetic pairs")

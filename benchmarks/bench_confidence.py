@@ -2,20 +2,33 @@
 
 Run by hand:  python benchmarks/bench_confidence.py [--quick] [--json out.json]
 
-Good: 20 synthetic EPI/T1 pairs (rotations <= 20 deg, shifts <= 20 mm) and the real b0/T2w pair
-under 20 header perturbations (<= 15 deg, 15 mm). Broken (10 each): wrong subject (synthetic MNI
-EPI onto the real T2w; the real b0 onto the MNI T1), starts beyond the capture range (rotations of
-120-180 degrees), left-right flipped headers (the real b0 and the asymmetric FSL head template;
-the 2009c template is symmetric, so a flipped copy of it is not wrong), and EPIs with heavy signal
-dropout (synthetic, dropout 1.0 plus 40 % of the slices zeroed). Where a truth exists (synthetic,
-perturbed real), the actual error is reported beside the flag. Prints the table and the catch and
-false-alarm rates.
+Good (40): 20 synthetic EPI/T1 pairs (2009c template; rotations <= 20 deg, shifts <= 20 mm) and the
+real b0/T2w pair under 20 header perturbations (<= 15 deg, 15 mm).
+
+Broken (40, 10 of each kind):
+
+* wrong subject: a synthetic MNI EPI onto the real T2w, and the real b0 onto the MNI T1;
+* started beyond the capture range: synthetic pairs rotated 120-180 degrees about a random axis,
+  registered with the global search OFF (``search='none'``; with the default search regkl recovers
+  most of them, and a recovered registration is not a broken one);
+* left-right flipped header: an EPI-like view of the real T2w subject (3 mm, 4 mm blur, 3 mm
+  phase-encode distortion, bias field, 6 % noise; :func:`regkl.synthetic.epi_from_volume`) under a known rigid
+  transform, its data mirrored left-right with the header unchanged, registered onto that T2w.
+  A flip can only be seen where the anatomy is asymmetric: the 2009c template is symmetric (a
+  flipped copy is not wrong), and flipping the real b0 is no test either because which of its
+  two orientations is right is not known (regkl's mirror check finds the stored b0 marginally
+  closer to the T2w when mirrored: +0.6 %, under the flag threshold of 2 %);
+* heavy signal dropout: synthetic EPIs with dropout 1.0 and 40 % of the slices zeroed. Some of
+  these still register correctly; only draws that end more than 2 mm from the truth count as
+  broken (drawn until there are 10; the recovered ones are listed but not counted).
+
+Where a truth exists the actual error is printed beside the flag. The overhead is the time of the
+confidence computation over the time of the registration itself, both from the same run.
 """
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,44 +64,43 @@ def flip_lr(vol: Volume) -> Volume:
 
 
 def cases(quick):
+    """(label, kind, moving, fixed, truth or None, points or None, register options)."""
     n = 3 if quick else None
     tpl = syn.load_template()
     t1 = syn.make_t1(tpl)
     brain = syn.brain_points(tpl, step_vox=3)
     b0 = load_volume(SHARED / "real_b0_t2w" / "b0_epi.nii.gz")
     t2 = load_volume(SHARED / "real_b0_t2w" / "T2w.nii.gz")
-    head = load_volume(SHARED / "mni152_fsl_head" / "mni152_T1w_head_2mm.nii.gz")
     t2_pts = t2.world_coords(np.argwhere(t2.data[::3, ::3, ::3] > np.percentile(t2.data, 60)) * 3.0)
     real_ref = register(b0, t2).fixed2moving
     c = t1.centre_of_mass()
-    out = []
     for s in range(n or 20):
         rng = np.random.default_rng(s)
         m = syn.random_rigid(rng, 20, 20, c)
-        out.append(("good", "synthetic", syn.make_epi(tpl, m, rng), t1, m, brain))
+        yield "good", "synthetic", syn.make_epi(tpl, m, rng), t1, m, brain, {}
     rng = np.random.default_rng(99)
     for _ in range(n or 20):
         p = rotation_about_random_axis(rng, 0, 15, b0.centre_of_mass(), 15)
-        out.append(("good", "real perturbed", Volume(b0.data, p @ b0.vox2ras, b0.name), t2, p @ real_ref, t2_pts))
+        yield "good", "real perturbed", Volume(b0.data, p @ b0.vox2ras, b0.name), t2, p @ real_ref, t2_pts, {}
     for s in range(n or 5):
         rng = np.random.default_rng(100 + s)
-        out.append(("broken", "wrong subject", syn.make_epi(tpl, syn.random_rigid(rng, 10, 10, c), rng), t2, None,
-                    None))
+        yield ("broken", "wrong subject", syn.make_epi(tpl, syn.random_rigid(rng, 10, 10, c), rng), t2, None,
+               None, {})
         p = rotation_about_random_axis(rng, 0, 10, b0.centre_of_mass(), 10)
-        out.append(("broken", "wrong subject", Volume(b0.data, p @ b0.vox2ras, b0.name), t1, None, None))
+        yield "broken", "wrong subject", Volume(b0.data, p @ b0.vox2ras, b0.name), t1, None, None, {}
     for s in range(n or 10):
         rng = np.random.default_rng(200 + s)
         m = rotation_about_random_axis(rng, 120, 180, c, 10)
-        out.append(("broken", "beyond capture range", syn.make_epi(tpl, m, rng), t1, m, brain))
-    for s in range(n or 5):
-        rng = np.random.default_rng(300 + s)
-        p = rotation_about_random_axis(rng, 0, 10, b0.centre_of_mass(), 10)
-        out.append(("broken", "flipped left-right", flip_lr(Volume(b0.data, p @ b0.vox2ras, b0.name)), t2, None,
-                    None))
-        m = syn.random_rigid(rng, 10, 10, c)
-        moved_head = Volume(head.data, m @ head.vox2ras, head.name)
-        out.append(("broken", "flipped left-right", flip_lr(moved_head), t1, None, None))
+        yield "broken", "beyond capture range", syn.make_epi(tpl, m, rng), t1, m, brain, {"search": "none"}
+    c2 = t2.centre_of_mass()
     for s in range(n or 10):
+        rng = np.random.default_rng(300 + s)
+        m = syn.random_rigid(rng, 15, 15, c2)
+        yield "broken", "flipped left-right", flip_lr(syn.epi_from_volume(t2, m, rng)), t2, None, None, {}
+    wanted, drawn = (n or 10), 0
+    for s in range(4 * wanted):
+        if drawn >= wanted:
+            break
         rng = np.random.default_rng(400 + s)
         m = syn.random_rigid(rng, 15, 15, c)
         epi = syn.make_epi(tpl, m, rng, dropout=1.0)
@@ -96,8 +108,7 @@ def cases(quick):
         k = data.shape[2]
         lo = int(rng.uniform(0.1, 0.5) * k)
         data[:, :, lo:lo + int(0.4 * k)] = 0.0
-        out.append(("broken", "heavy dropout", Volume(data, epi.vox2ras, epi.name), t1, m, brain))
-    return out
+        drawn += yield "broken", "heavy dropout", Volume(data, epi.vox2ras, epi.name), t1, m, brain, {}
 
 
 def main():
@@ -106,21 +117,26 @@ def main():
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = []
-    for label, kind, moving, fixed, truth, pts in cases(args.quick):
-        t0 = time.perf_counter()
-        register(moving, fixed)
-        t_plain = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        res = register(moving, fixed, confidence=True)
-        t_conf = time.perf_counter() - t0
+    gen = cases(args.quick)
+    case = next(gen)
+    while True:
+        label, kind, moving, fixed, truth, pts, opts = case
+        res = register(moving, fixed, confidence=True, **opts)
         err = None if truth is None else rms_displacement(res.fixed2moving, truth, pts)
-        rows.append({"label": label, "kind": kind, "error_mm": err, "score": res.confidence.score,
-                     "suspect": res.confidence.suspect, **res.confidence.evidence,
-                     "overhead": (t_conf - t_plain) / t_plain})
+        counted = not (kind == "heavy dropout" and err is not None and err <= 2.0)
+        conf = res.confidence
+        rows.append({"label": label if counted else "recovered", "kind": kind, "error_mm": err,
+                     "score": conf.score, "suspect": conf.suspect, **conf.evidence,
+                     "overhead": conf.seconds / max(res.seconds - conf.seconds, 1e-9)})
         r = rows[-1]
-        print(f"{label:7s} {kind:22s} err {'   n/a' if err is None else f'{err:6.2f}'} score {r['score']:.2f} "
-              f"{'SUSPECT' if r['suspect'] else '       '} restart {r['restart_mm']:6.2f} sharp {r['sharpness']:.4f} "
-              f"unc {r['uncertainty']:.3f} overhead {r['overhead']:+.0%}", flush=True)
+        print(f"{r['label']:9s} {kind:22s} err {'   n/a' if err is None else f'{err:6.2f}'} score {r['score']:.2f} "
+              f"{'SUSPECT' if r['suspect'] else '       '} drift {r['drift_mm']:5.2f} restart {r['restart_mm']:6.2f} "
+              f"sharp {r['sharpness']:.4f} unc {r['uncertainty']:.3f} mirror {r['mirror_gain']:+.3f} "
+              f"overhead {r['overhead']:+.0%}", flush=True)
+        try:
+            case = gen.send(int(counted)) if kind == "heavy dropout" else next(gen)
+        except StopIteration:
+            break
     print()
     print(f"{'category':24s} {'n':>3s} {'flagged':>8s}")
     for label in ("good", "broken"):

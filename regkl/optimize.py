@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import optimize as sopt
@@ -25,6 +25,8 @@ NO_OVERLAP_VALUE = -1.0e3
 STEP_TOL = 0.002
 #: ... for this many successive iterations.
 STEP_PATIENCE = 2
+#: The same for the global search's refinements, which only have to tell basins apart.
+SEARCH_STEP_TOL = 0.01
 
 
 @dataclass(frozen=True)
@@ -293,9 +295,9 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
     radius = float(np.sqrt(np.mean(np.sum((pts_fine - centre) ** 2, axis=1)))) if len(pts_fine) else 50.0
     radius = max(radius, 10.0)
 
-    def objective(level, mdl):
+    def objective(level, mdl, step_tol=STEP_TOL):
         return _Objective(level.samples, level.moving, mdl, metric_fn, centre, mdl.scales(radius), deadline,
-                          STEP_TOL * level.spacing)
+                          step_tol * level.spacing)
 
     first = objective(lvls[0], stage_models[0])
     p0 = stage_models[0].from_matrix(start, centre)
@@ -309,25 +311,46 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
     matrix = start
     reports = []
     search_report = None
-    for si, mdl in enumerate(stage_models):
-        params = mdl.from_matrix(matrix, centre)
-        for li, level in enumerate(lvls):
+
+    def run_levels(mdl, params, first):
+        """Optimise ``params`` from level ``first`` to the finest: (params, level reports)."""
+        out = []
+        for level in lvls[first:]:
             tl = time.perf_counter()
             obj = objective(level, mdl)
             start_value = obj.metric_at(params)[0]
-            if si == 0 and li == 0 and search != "none" and mdl.name == "rigid":
-                finer = objective(lvls[min(1, len(lvls) - 1)], mdl)
-                params, search_report = global_search(obj, finer, params, _refine, mode=search, radius_mm=radius)
-                say(f"search: {search_report.evaluated} poses; chose the {search_report.chosen} pose "
-                    f"({search_report.rotation_deg:.1f} deg from the start; {metric} "
-                    f"{search_report.start_metric:.4f} for the start, {search_report.best_metric:.4f} chosen), "
-                    f"{search_report.seconds:.2f} s")
             params, end_value, res = _lbfgs(obj, params, max_iter)
-            reports.append(LevelReport(mdl.name, level.spacing, len(level.samples.points), int(res.nit),
-                                       obj.evaluations, float(start_value), end_value, str(res.message),
-                                       time.perf_counter() - tl))
-            say(f"{mdl.name} level {level.spacing:g} mm: {len(level.samples.points)} points, {res.nit} "
-                f"iterations, {metric} {start_value:.4f} -> {end_value:.4f}")
+            out.append(LevelReport(mdl.name, level.spacing, len(level.samples.points), int(res.nit),
+                                   obj.evaluations, float(start_value), end_value, str(res.message),
+                                   time.perf_counter() - tl))
+        return params, out
+
+    for si, mdl in enumerate(stage_models):
+        params = mdl.from_matrix(matrix, centre)
+        finalists = []
+        if si == 0 and search != "none" and mdl.name == "rigid":
+            # the search only has to tell basins apart: its refinements settle at 1 % of the spacing
+            obj = objective(lvls[0], mdl, SEARCH_STEP_TOL)
+            finer = objective(lvls[min(1, len(lvls) - 1)], mdl, SEARCH_STEP_TOL)
+            params, search_report = global_search(obj, finer, params, _refine, mode=search, radius_mm=radius)
+            say(f"search: {search_report.evaluated} poses; chose the {search_report.chosen} pose "
+                f"({search_report.rotation_deg:.1f} deg from the start; {metric} "
+                f"{search_report.start_metric:.4f} for the start, {search_report.best_metric:.4f} chosen), "
+                f"{search_report.seconds:.2f} s")
+            for alt in search_report.alternatives:
+                finalists.append(run_levels(mdl, alt, 0))
+        best_params, best_reports = run_levels(mdl, params, 0)
+        for alt_params, alt_reports in finalists:
+            if alt_reports[-1].metric_end > best_reports[-1].metric_end:
+                best_params, best_reports = alt_params, alt_reports
+        if finalists:
+            search_report = replace(search_report, finalists=1 + len(finalists))
+            say(f"search: {1 + len(finalists)} near-tied poses taken to the finest level; kept the best")
+        params = best_params
+        reports.extend(best_reports)
+        for r in best_reports:
+            say(f"{mdl.name} level {r.spacing_mm:g} mm: {r.n_points} points, {r.iterations} "
+                f"iterations, {metric} {r.metric_start:.4f} -> {r.metric_end:.4f}")
         matrix = mdl.matrix(params, centre)
 
     finest = objective(lvls[-1], stage_models[0])

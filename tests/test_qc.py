@@ -50,3 +50,50 @@ def test_confidence_flags_an_unfinished_registration(capsys, real_pair_paths):
 
     conf = json.loads(out)["confidence"]
     assert code == 0 and conf["suspect"] is False and conf["evidence"]["drift_mm"] < 0.5
+
+
+def _flip_lr(vol):
+    import numpy as np
+
+    from regkl.volume import Volume
+
+    axis = int(np.argmax(np.abs(vol.vox2ras[0, :3])))
+    return Volume(np.flip(vol.data, axis).copy(), vol.vox2ras, vol.name)
+
+
+@pytest.mark.slow
+def test_mirror_check_flags_a_left_right_flipped_header_of_a_real_brain(real_pair):
+    """An EPI-like view of the real T2w subject (asymmetric anatomy) registers normally; the same image
+    with its data mirrored left-right under an unchanged header must be flagged by the mirror check
+    (and only by the mirror check: everything else about that fit looks good)."""
+    import numpy as np
+
+    from regkl import synthetic
+    from regkl.optimize import register
+
+    _, t2 = real_pair
+    rng = np.random.default_rng(5)
+    truth = synthetic.random_rigid(rng, 10, 10, t2.centre_of_mass())
+    epi = synthetic.epi_from_volume(t2, truth, rng)
+    good = register(epi, t2, confidence=True).confidence
+    bad = register(_flip_lr(epi), t2, confidence=True).confidence
+    assert not good.suspect and good.evidence["mirror_gain"] < 0.0, good.evidence
+    assert bad.suspect and bad.evidence["mirror_gain"] > 0.05, bad.evidence
+    assert bad.subscores["mirror_gain"] == 0.0 and bad.subscores["restart_mm"] > 0.5
+
+
+def test_mid_sagittal_reflection_is_a_reflection_through_the_mapped_centre():
+    import numpy as np
+
+    from regkl.confidence import mid_sagittal_reflection
+    from regkl.transforms import get_model
+
+    solution = get_model("rigid").matrix(np.array([0.1, -0.2, 0.3, 5.0, -3.0, 2.0]), np.zeros(3))
+    centre = np.array([1.0, -20.0, 10.0])
+    g = mid_sagittal_reflection(solution, centre)
+    np.testing.assert_allclose(g @ g, np.eye(4), atol=1e-12)           # an involution
+    assert np.isclose(np.linalg.det(g[:3, :3]), -1.0)                   # a reflection
+    point = solution @ np.append(centre, 1.0)
+    np.testing.assert_allclose(g @ point, point, atol=1e-9)             # fixes the mapped centre
+    normal = solution[:3, :3] @ np.array([1.0, 0, 0])
+    np.testing.assert_allclose(g[:3, :3] @ normal, -normal, atol=1e-12)  # flips the mapped L-R axis
