@@ -128,12 +128,7 @@ def profile_metric(moving: Volume, fixed: Volume, fixed2moving: np.ndarray, *, m
 
     check_settings(range_deg, range_mm, steps)
     t0 = time.perf_counter()
-    if auto_mask:
-        fixed_mask = fixed_mask if fixed_mask is not None else masks.auto_mask(fixed)
-        moving_mask = moving_mask if moving_mask is not None else masks.auto_mask(moving)
-    for m, what in ((fixed_mask, "fixed mask"), (moving_mask, "moving mask")):
-        if m is not None:
-            masks.check_mask(m, what)
+    fixed_mask, moving_mask = masks.prepare_masks(fixed, moving, fixed_mask, moving_mask, auto_mask)
     probe = MetricProbe(moving, fixed, metric=metric, bins=bins, prior=prior, fixed_mask=fixed_mask,
                         moving_mask=moving_mask, sampling=sampling, seed=seed)
     pose = np.asarray(fixed2moving, dtype=np.float64)

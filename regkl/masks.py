@@ -78,3 +78,26 @@ def on_grid(mask: Volume, grid: Volume) -> np.ndarray:
 
     coarse = downsample(mask, float(np.max(grid.spacing)))
     return np.clip(resample(coarse, grid, np.eye(4)).data, 0.0, 1.0)
+
+
+def prepare_masks(fixed, moving, fixed_mask=None, moving_mask=None, auto=False):
+    """The masks a registration uses: given ones checked, missing ones built when ``auto``.
+
+    Parameters
+    ----------
+    fixed, moving : Volume
+    fixed_mask, moving_mask : Volume or None
+    auto : bool
+        Build a foreground mask (:func:`auto_mask`) for each image without one.
+
+    Returns
+    -------
+    (fixed_mask, moving_mask) : Volume or None each
+    """
+    if auto:
+        fixed_mask = fixed_mask if fixed_mask is not None else auto_mask(fixed)
+        moving_mask = moving_mask if moving_mask is not None else auto_mask(moving)
+    for m, what in ((fixed_mask, "fixed mask"), (moving_mask, "moving mask")):
+        if m is not None:
+            check_mask(m, what)
+    return fixed_mask, moving_mask

@@ -276,12 +276,7 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
     spacings = pyramid.default_spacings(fixed, moving, levels)
     rng = np.random.default_rng(seed)
 
-    if auto_mask:
-        fixed_mask = fixed_mask if fixed_mask is not None else masks.auto_mask(fixed)
-        moving_mask = moving_mask if moving_mask is not None else masks.auto_mask(moving)
-    for m, what in ((fixed_mask, "fixed mask"), (moving_mask, "moving mask")):
-        if m is not None:
-            masks.check_mask(m, what)
+    fixed_mask, moving_mask = masks.prepare_masks(fixed, moving, fixed_mask, moving_mask, auto_mask)
     lvls = _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask)
 
     finest_fixed = lvls[-1].fixed_image
