@@ -140,7 +140,7 @@ def discover_glob(root, out_dir, moving_glob: str, fixed_glob: str, *, options=N
 def is_complete(job: Job) -> bool:
     """True when the job's sidecar exists and every output it lists has the recorded size."""
     try:
-        record = json.loads(Path(job.sidecar).read_text())
+        record = json.loads(Path(job.sidecar).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if record.get("status") != "ok":
@@ -198,7 +198,7 @@ def run_job(job: Job, threads: int | None = None) -> dict:
                   "confidence_evidence": None if result.confidence is None else result.confidence.as_dict(),
                   "output_sizes": {p: Path(p).stat().st_size for p in outputs}}
         with atomic_path(job.sidecar, protect=inputs) as tmp:  # written last: marks completion
-            Path(tmp).write_text(json.dumps(record, indent=2))
+            Path(tmp).write_text(json.dumps(record, indent=2), encoding="utf-8")
         return row
     except Exception as exc:  # noqa: BLE001 - one failing pair never stops the others
         text = " ".join(str(exc).split())[:500] or type(exc).__name__
@@ -280,7 +280,7 @@ def run_dask(jobs, scheduler: str, *, progress=None) -> list:
 
 def skipped_row(job: Job) -> dict:
     """Summary row of a job whose outputs are already complete (taken from its sidecar)."""
-    record = json.loads(Path(job.sidecar).read_text())
+    record = json.loads(Path(job.sidecar).read_text(encoding="utf-8"))
     row = {k: record.get(k) for k in SUMMARY_COLUMNS}
     row["status"] = "skipped"
     return row
@@ -300,7 +300,7 @@ def write_summary(rows, out_dir, *, protect=()) -> tuple:
 
     lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(cell(r.get(c)) for c in SUMMARY_COLUMNS) for r in rows]
     with atomic_path(tsv, protect=protect) as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n")
+        Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")
     with atomic_path(js, protect=protect) as tmp:
-        Path(tmp).write_text(json.dumps(rows, indent=2))
+        Path(tmp).write_text(json.dumps(rows, indent=2), encoding="utf-8")
     return tsv, js

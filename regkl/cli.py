@@ -401,7 +401,7 @@ def _write_dataset_description(out):
     desc = {"Name": "regkl coregistration", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "regkl", "Version": __version__}]}
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(desc, indent=2))
+        Path(tmp).write_text(json.dumps(desc, indent=2), encoding="utf-8")
 
 
 @cli.command("report")

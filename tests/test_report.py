@@ -230,7 +230,7 @@ def probe_in_browser(exe, page: Path, tmp_path: Path) -> tuple:
                       encoding="utf-8")
     proc = subprocess.run(chromium_args(exe, tmp_path / "chromium-profile")
                           + ["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-                          capture_output=True, text=True, timeout=90)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=90)
     found = re.search(r'<pre id="regkl-probe">(.*?)</pre>', proc.stdout, re.S)
     assert found, f"the probe did not run (exit {proc.returncode}): {proc.stderr[-2000:]}"
     import html as htmllib
@@ -246,7 +246,7 @@ def console_lines(stderr: str) -> list:
 def screenshot(exe, page: Path, dest: Path, size=(1400, 900)) -> Path:
     proc = subprocess.run(chromium_args(exe, dest.parent / "chromium-profile-shot")
                           + [f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=10000",
-                             f"--screenshot={dest}", page.as_uri()], capture_output=True, text=True, timeout=90)
+                             f"--screenshot={dest}", page.as_uri()], capture_output=True, encoding="utf-8", errors="replace", timeout=90)
     assert dest.is_file(), proc.stderr[-2000:]
     return dest
 
@@ -307,7 +307,7 @@ def batch_with_report(tmp_path_factory):
     (root / "sub-02/ses-1/func/sub-02_ses-1_task-rest_run-2_bold.nii.gz").write_bytes(b"not an image")
     custom = folder / "custom_report.html"
     proc = subprocess.run([sys.executable, "-m", "regkl.cli", "batch", str(root), "--jobs", "1", "--report",
-                           str(custom)], capture_output=True, text=True, timeout=300)
+                           str(custom)], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 1, proc.stderr  # one pair failed
     out = root / "derivatives" / "regkl"
     assert str(custom) in proc.stderr and proc.stdout == ""
@@ -353,7 +353,7 @@ def test_rerun_writes_the_default_report_and_report_command_rebuilds_it(batch_wi
     out, _ = batch_with_report
     root = out.parents[1]
     proc = subprocess.run([sys.executable, "-m", "regkl.cli", "batch", str(root), "--jobs", "1", "-q"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 1, proc.stderr  # the broken pair is tried again and fails again
     default = out / "regkl_report.html"
     page = default.read_text()
