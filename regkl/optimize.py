@@ -130,6 +130,8 @@ class _Level:
     spacing: float
     samples: histogram.Samples
     moving: histogram.MovingLevel
+    fixed_image: Volume
+    moving_image: Volume
 
 
 def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask):
@@ -148,7 +150,7 @@ def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, movi
         if mmask is not None and not np.any(mmask > 0):
             raise InputError("moving mask does not overlap the moving image", path=moving_mask.name)
         levels.append(_Level(float(spacing), histogram.make_samples(pts, vals, bins),
-                             histogram.make_moving_level(mlev, bins, mask=mmask)))
+                             histogram.make_moving_level(mlev, bins, mask=mmask), flev, mlev))
     return levels
 
 
@@ -250,13 +252,13 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
             masks.check_mask(m, what)
     lvls = _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask)
 
-    finest_fixed = pyramid.downsample(fixed, spacings[-1])
+    finest_fixed = lvls[-1].fixed_image
     centre = finest_fixed.centre_of_mass()
     if init_fixed2moving is not None:
         start = np.asarray(init_fixed2moving, dtype=np.float64)
         init = "given"
     else:
-        start = initial_transform(pyramid.downsample(moving, spacings[-1]), finest_fixed, init)
+        start = initial_transform(lvls[-1].moving_image, finest_fixed, init)
     pts_fine = lvls[-1].samples.points
     radius = float(np.sqrt(np.mean(np.sum((pts_fine - centre) ** 2, axis=1)))) if len(pts_fine) else 50.0
     radius = max(radius, 10.0)
