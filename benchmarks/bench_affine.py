@@ -43,25 +43,9 @@ MAX_SCALE_DEV, MAX_SHEAR, MAX_ROT_DEG, MAX_TRANS_MM = 0.1, 0.05, 15.0, 15.0
 
 
 def random_affine(rng: np.random.Generator, centre) -> tuple[np.ndarray, dict]:
-    """Random affine fixed2moving about ``centre``: ``L = R @ K @ S``.
-
-    Draw order: 3 angles (deg, uniform +-15, composed as :func:`regkl.synthetic.rotation_matrix`),
-    3 translations (mm, uniform +-15), 3 scales (uniform 0.9..1.1), 3 shears (K[0,1], K[0,2], K[1,2],
-    uniform +-0.05). A fixed point x maps to ``L (x - centre) + centre + t``.
-    """
-    angles = rng.uniform(-MAX_ROT_DEG, MAX_ROT_DEG, 3)
-    trans = rng.uniform(-MAX_TRANS_MM, MAX_TRANS_MM, 3)
-    scales = rng.uniform(1.0 - MAX_SCALE_DEV, 1.0 + MAX_SCALE_DEV, 3)
-    shears = rng.uniform(-MAX_SHEAR, MAX_SHEAR, 3)
-    shear = np.eye(3)
-    shear[0, 1], shear[0, 2], shear[1, 2] = shears
-    lin = synthetic.rotation_matrix(angles) @ shear @ np.diag(scales)
-    c = np.asarray(centre, dtype=np.float64)
-    m = np.eye(4)
-    m[:3, :3] = lin
-    m[:3, 3] = c - lin @ c + trans
-    return m, {"angles_deg": angles.tolist(), "translation_mm": trans.tolist(), "scales": scales.tolist(),
-               "shears": shears.tolist()}
+    """Random affine fixed2moving about ``centre``: :func:`regkl.synthetic.random_affine` with this
+    benchmark's ranges (draw order: 3 angles, 3 translations, 3 scales, 3 shears)."""
+    return synthetic.random_affine(rng, MAX_ROT_DEG, MAX_TRANS_MM, MAX_SCALE_DEV, MAX_SHEAR, centre)
 
 
 def residual_scale_percent(result: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -28,22 +28,31 @@ def default_spacings(fixed: Volume, moving: Volume, levels: int | None = None) -
 
 
 def downsample(volume: Volume, spacing_mm: float) -> Volume:
-    """Smooth and resample ``volume`` to about ``spacing_mm`` resolution.
+    """Smooth and resample ``volume`` to an effective resolution (FWHM) of ``spacing_mm``.
 
-    Integer block averaging by ``floor(spacing / voxel)`` along each axis (the voxel centre moves to
-    the block centre, so world positions stay exact), then a Gaussian that brings the effective
-    resolution (FWHM) up to ``spacing_mm`` where the blocks fall short.
+    Resolution model (the same for the fixed and the moving image, so that at every level both are
+    compared at the same resolution): an image's own point-spread function is taken as a Gaussian
+    of FWHM equal to its voxel size; averaging blocks of ``f`` voxels of size ``v`` adds the
+    variance ``v**2 (f**2 - 1) / 12``; a Gaussian supplies the variance still missing to reach a
+    FWHM of ``spacing_mm`` along each axis (none where the image is already that coarse).
+    Variances add; widths do not (a block of width ``w`` has the variance of a Gaussian of FWHM
+    ``0.68 w``, not ``w``).
+
+    For a 1 mm image at 3 mm this adds a Gaussian of 0.88 mm sigma to the 3x3x3 block average;
+    a 3 mm image at 3 mm is left as it is.
 
     Parameters
     ----------
     volume : Volume
     spacing_mm : float
-        Target resolution in mm.
+        Target resolution (FWHM) and approximate voxel size, in mm.
 
     Returns
     -------
     Volume
-        On a grid with voxel sizes ``factor * spacing`` and correspondingly updated vox2ras.
+        On a grid with voxel sizes ``factor * spacing`` (``factor = floor(spacing_mm / voxel)``
+        per axis, at least 1); the voxel centre moves to the block centre, so world positions stay
+        exact.
     """
     vox = volume.spacing
     factors = np.maximum(1, np.floor(spacing_mm / vox + 1e-6)).astype(int)
@@ -57,11 +66,48 @@ def downsample(volume: Volume, spacing_mm: float) -> Volume:
         scale[:3, 3] = (factors - 1) / 2.0
         vox2ras = vox2ras @ scale
     new_vox = vox * factors
-    sigma_mm = np.sqrt(np.maximum(spacing_mm ** 2 - new_vox ** 2, 0.0)) / FWHM_PER_SIGMA
-    sigma_vox = sigma_mm / new_vox
-    if np.any(sigma_vox > 0.1):
-        data = ndimage.gaussian_filter(data, sigma_vox, mode="nearest", truncate=3.0)
+    have_var = (vox / FWHM_PER_SIGMA) ** 2 + vox ** 2 * (factors ** 2 - 1) / 12.0
+    add_var_vox = np.maximum((spacing_mm / FWHM_PER_SIGMA) ** 2 - have_var, 0.0) / new_vox ** 2
+    data = smooth_variance(data, add_var_vox)
     return Volume(data, vox2ras, volume.name, volume.note)
+
+
+#: Below this variance (voxels**2) :func:`smooth_variance` uses a 3-tap kernel: a sampled Gaussian
+#: of sigma under ~0.7 voxel has much less than its nominal variance (at 0.3 voxel, 6 % of it).
+SMALL_VARIANCE_VOX2 = 0.5
+
+
+def smooth_variance(data: np.ndarray, var_vox) -> np.ndarray:
+    """Smooth ``data`` with a separable kernel of the given variance (voxels**2) along each axis.
+
+    Small variances (up to :data:`SMALL_VARIANCE_VOX2`) use the 3-tap kernel ``[a, 1 - 2a, a]``
+    with ``a = var / 2``, whose variance is exact; larger ones a sampled Gaussian of sigma
+    ``sqrt(var)`` (truncated at 4 sigma), accurate to ~1 % from there on. Borders repeat the edge
+    voxel. Axes with a variance below 1e-4 are left alone.
+
+    Parameters
+    ----------
+    data : ndarray, shape (I, J, K)
+    var_vox : array_like, shape (3,)
+        Kernel variance per axis, in voxels squared.
+
+    Returns
+    -------
+    ndarray, float32 (``data`` itself when nothing is smoothed)
+    """
+    var_vox = np.broadcast_to(np.asarray(var_vox, dtype=np.float64), (3,))
+    out = data
+    for axis, var in enumerate(var_vox):
+        if var < 1e-4:
+            continue
+        if var <= SMALL_VARIANCE_VOX2:
+            a = var / 2.0
+            out = ndimage.correlate1d(out, np.array([a, 1.0 - 2.0 * a, a]), axis=axis, mode="nearest",
+                                      output=np.float32)
+        else:
+            out = ndimage.gaussian_filter1d(out, math.sqrt(var), axis=axis, mode="nearest", truncate=4.0,
+                                            output=np.float32)
+    return out
 
 
 def sample_grid(level: Volume, fraction: float, rng: np.random.Generator, jitter: float = 0.5):

@@ -87,10 +87,14 @@ class Template:
     t1 : Volume
         Brain-only T1-weighted image, shape (I, J, K) = (197, 233, 189), 1 mm, float32 0..255.
     gm, wm, csf : ndarray, shape (I, J, K), float32
-        Grey-matter, white-matter and CSF probabilities in [0, 1] on the grid of ``t1``.
-        ``csf = clip(brain - gm - wm, 0, 1)``, zero outside the brain.
+        Grey-matter, white-matter and CSF probabilities in [0, 1] on the grid of ``t1``, all three
+        zero outside the brain; ``csf = clip(brain - gm - wm, 0, 1)``.
     brain : ndarray, shape (I, J, K), bool
-        Brain mask: ``t1 > 0`` or ``gm + wm > 0.1``.
+        Brain mask: the support of the brain-only T1, ``t1 > 0``. The synthetic EPIs show tissue
+        only there, so fixed and moving images depict the same object. (The tissue probability
+        maps reach up to about a voxel beyond the T1's mask; keeping that shell, as an earlier
+        version did with ``t1 > 0 or gm + wm > 0.1``, gave the EPI a CSF-bright rim where the T1
+        is empty: a 0.3-0.5 % larger brain than the fixed image, which biased affine recovery.)
     source : str
         Folder the template was read from.
     """
@@ -167,8 +171,8 @@ def _load_template_cached(folder: str) -> Template:
     for key in ("gm", "wm"):
         if arrays[key].shape != arrays["t1"].shape or not np.allclose(affines[key], affines["t1"]):
             raise InputError("tissue map is not on the T1 template grid", path=Path(folder) / TEMPLATE_FILES[key])
-    gm, wm = (_as_probability(arrays[k]) for k in ("gm", "wm"))
-    brain = (arrays["t1"] > 0) | (gm + wm > 0.1)
+    brain = arrays["t1"] > 0
+    gm, wm = (_as_probability(arrays[k]) * brain for k in ("gm", "wm"))
     csf = np.clip(brain.astype(np.float32) - gm - wm, 0.0, 1.0)
     t1 = Volume(arrays["t1"], affines["t1"], name=str(Path(folder) / TEMPLATE_FILES["t1"]),
                 note="MNI152 brain-only T1 template")
@@ -247,6 +251,45 @@ def random_rigid(rng: np.random.Generator, max_rot_deg: float, max_trans_mm: flo
     angles = rng.uniform(-max_rot_deg, max_rot_deg, size=3)
     trans = rng.uniform(-max_trans_mm, max_trans_mm, size=3)
     return rigid_fixed2moving(angles, trans, centre)
+
+
+def random_affine(rng: np.random.Generator, max_rot_deg: float = 15.0, max_trans_mm: float = 15.0,
+                  max_scale_dev: float = 0.1, max_shear: float = 0.05, centre=(0.0, 0.0, 0.0)):
+    """Random affine ``fixed2moving`` matrix ``x -> L (x - centre) + centre + t`` with ``L = R @ K @ S``.
+
+    ``R`` is a rotation as in :func:`rotation_matrix`, ``K`` an upper-triangular shear (unit
+    diagonal; ``K[0, 1], K[0, 2], K[1, 2]``) and ``S`` a diagonal scaling. Draw order, each uniform:
+    three angles in ``[-max_rot_deg, max_rot_deg]``, three translations in
+    ``[-max_trans_mm, max_trans_mm]``, three scales in ``[1 - max_scale_dev, 1 + max_scale_dev]``,
+    three shears in ``[-max_shear, max_shear]``.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    max_rot_deg, max_trans_mm, max_scale_dev, max_shear : float
+        Ranges (degrees, mm, relative, shear factor).
+    centre : array_like, shape (3,)
+        Centre (mm, fixed world), e.g. the brain centre.
+
+    Returns
+    -------
+    matrix : ndarray, shape (4, 4)
+    parts : dict
+        ``angles_deg``, ``translation_mm``, ``scales``, ``shears`` (lists) as drawn.
+    """
+    angles = rng.uniform(-max_rot_deg, max_rot_deg, 3)
+    trans = rng.uniform(-max_trans_mm, max_trans_mm, 3)
+    scales = rng.uniform(1.0 - max_scale_dev, 1.0 + max_scale_dev, 3)
+    shears = rng.uniform(-max_shear, max_shear, 3)
+    shear = np.eye(3)
+    shear[0, 1], shear[0, 2], shear[1, 2] = shears
+    lin = rotation_matrix(angles) @ shear @ np.diag(scales)
+    c = np.asarray(centre, dtype=np.float64).reshape(3)
+    m = np.eye(4)
+    m[:3, :3] = lin
+    m[:3, 3] = c - lin @ c + trans
+    return m, {"angles_deg": angles.tolist(), "translation_mm": trans.tolist(), "scales": scales.tolist(),
+               "shears": shears.tolist()}
 
 
 def rms_error(fixed2moving_est, fixed2moving_true, points) -> float:
@@ -337,7 +380,7 @@ def epi_grid(template: Template, voxel_mm=3.0, shape=None) -> tuple[tuple, np.nd
 
     The grid is centred on the template voxel nearest the centre of the brain's bounding box (the
     same coordinates are used in the moving world) and, unless ``shape`` is given, covers that box
-    plus :data:`EPI_MARGIN_MM` on every side (64x77x68 voxels at 3 mm for the MNI template). Voxel ``n // 2`` of
+    plus :data:`EPI_MARGIN_MM` on every side (64x76x68 voxels at 3 mm for the MNI template). Voxel ``n // 2`` of
     each axis sits on the centre, so with integer voxel sizes and an identity transform every EPI
     voxel centre is also a template voxel centre.
 

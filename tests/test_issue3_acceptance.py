@@ -1,8 +1,13 @@
 """Acceptance, issue 3 (small versions; the full measurements are benchmarks/bench_affine.py,
 bench_capture.py and bench_automask.py).
 
-Not here because it does not pass yet (see bench_affine.py): known AFFINE recovery within 0.5 mm.
-
+1. known AFFINE recovery (scales 0.9-1.1, shears up to 0.05, rotations up to 15 degrees): RMS error
+   < 0.5 mm over the brain, the first 2 pairs of bench_affine.py, metrics mi, nmi and jsd. cr is an
+   expected failure (strict xfail): on these images its optimum lies about -0.6 % in scale from the
+   truth. That bias, and the +0.3 % of mi/nmi/jsd, comes from the EPI's non-monotone contrast
+   (CSF bright, dark on the T1) seen at 3 mm: with a moving image made from the T1 itself through a
+   LINEAR intensity map, every metric's optimum is within 0.2 % of the truth (benchmarks/README.md,
+   "Affine recovery").
 2. capture range: moving-header perturbations of 60-90 degrees about a random axis plus a shift
    uniform in a 60 mm ball come back within 1 mm with DEFAULT settings (search 'auto'): 6 synthetic
    starts (truth known), and 4 hard starts (75-90 degrees) on the REAL pair that once ended ~100 mm
@@ -10,6 +15,8 @@ Not here because it does not pass yet (see bench_affine.py): known AFFINE recove
 3. automatic masks: a brain-only EPI registered to the WHOLE-HEAD MNI152 T1 with auto_mask=True lands
    within 0.5 mm of the result on the same T1 skull-stripped (2009c brain mask dilated by 5 mm),
    2 synthetic EPIs.
+
+Not here because it does not pass yet: affine recovery with cr (strict expected failure, above).
 """
 
 import math
@@ -40,6 +47,33 @@ def _perturbation(rng, centre, min_deg=60.0, max_deg=90.0, max_shift=60.0):
     p[:3, :3] = rot
     p[:3, 3] = centre - rot @ centre + shift
     return p
+
+
+@pytest.fixture(scope="module")
+def affine_pairs(template):
+    """The first 2 pairs of benchmarks/bench_affine.py: (EPI, true fixed2moving)."""
+    from regkl import synthetic
+
+    centre = synthetic.brain_points(template, step_vox=2).mean(axis=0)
+    pairs = []
+    for i in range(2):
+        rng = np.random.default_rng([3, i])
+        truth, _ = synthetic.random_affine(rng, 15.0, 15.0, 0.1, 0.05, centre)
+        pairs.append((synthetic.make_epi(template, truth, rng), truth))
+    return pairs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["mi", "nmi", "jsd", pytest.param("cr", marks=pytest.mark.xfail(
+    strict=True, reason="cr's optimum is about -0.6 % in scale from the truth on these images (non-monotone "
+                        "EPI/T1 contrast at 3 mm); errors 0.45-0.68 mm in bench_affine.py"))])
+def test_known_affine_recovery(affine_pairs, t1, brain, metric):
+    errors = []
+    for epi, truth in affine_pairs:
+        result = register(epi, t1, model="affine", metric=metric)
+        errors.append(rms_displacement(result.fixed2moving, truth, brain))
+    print(f"affine recovery {metric} (mm):", np.round(errors, 3).tolist())
+    assert max(errors) < 0.5, errors
 
 
 @pytest.mark.slow

@@ -1,10 +1,16 @@
 """The KL-to-prior metric (Chung et al. 2002) against plain MI, on synthetic pairs.
 
 Measured (see the closing note of issue 3): with a prior learned from pairs acquired like the new
-one, KL is MORE accurate than MI when the EPI covers only a thin slab of the brain (top 30 %:
+one, KL was MORE accurate than MI when the EPI covers only a thin slab of the brain (top 30 %:
 median 0.63 vs 1.11 mm), and LESS accurate under a strong bias field or heavy noise; a prior
-learned from differently acquired images is worse than MI in every case tried. This test pins the
-case where it helps.
+learned from differently acquired images is worse than MI in every case tried.
+
+The thin-slab advantage came from the synthetic generator: its EPIs had tissue in a shell about a
+voxel thick where the brain-only T1 is empty, which misled MI most when the slab leaves little
+else, while the prior, learned on pairs with the same shell, absorbed it. With EPI and T1 showing
+the same object (and the pyramid resolution fix), the same pairs give MI median 0.38 mm and KL
+0.66 mm (generator fix alone: MI 0.44 mm). The test that pinned the advantage is kept as a strict
+expected failure until the claim is re-measured or withdrawn.
 """
 
 import numpy as np
@@ -18,6 +24,8 @@ SLAB = dict(slab=(0.6, 0.9))
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="MI improved on thin slabs once the synthetic EPI shows the same object as "
+                                       "the T1 (median 1.11 -> 0.38 mm); KL with the matched prior: 0.66 mm")
 def test_kl_with_matched_prior_beats_mi_on_thin_slab():
     from regkl import synthetic as syn
 
