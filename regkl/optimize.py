@@ -200,6 +200,14 @@ def _lbfgs(obj, params, max_iter):
     return res.x * obj.scales, value, res
 
 
+def _stop_reason(res, obj):
+    """Why L-BFGS-B ended, in words (the step monitor's early stop reads as SciPy's StopIteration)."""
+    text = str(res.message)
+    if "StopIteration" in text:
+        return f"pose settled (two steps under {obj.tol_mm:.3g} mm)"
+    return text
+
+
 def _refine(obj, params, max_iter):
     """Local L-BFGS-B refinement used by the global search: (params, value)."""
     q, v, _ = _lbfgs(obj, params, max_iter)
@@ -316,7 +324,7 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
             start_value = obj.metric_at(params)[0]
             params, end_value, res = _lbfgs(obj, params, max_iter)
             out.append(LevelReport(mdl.name, level.spacing, len(level.samples.points), int(res.nit),
-                                   obj.evaluations, float(start_value), end_value, str(res.message),
+                                   obj.evaluations, float(start_value), end_value, _stop_reason(res, obj),
                                    time.perf_counter() - tl))
         return params, out
 
