@@ -397,6 +397,12 @@ def _fill(fh, view) -> int:
     return got
 
 
+def _check_shape(shape, path):
+    """Raise InputError unless the header gives at least one voxel along every dimension."""
+    if not shape or any(s <= 0 for s in shape):
+        raise InputError(f"header dimensions {shape} are not positive (the image holds no voxels)", path=path)
+
+
 def _check_dtype(dtype, path):
     dtype = np.dtype(dtype)
     if dtype.fields is not None:
@@ -491,8 +497,7 @@ def _read_nifti(path: Path) -> _Raw:
             raise
         except Exception as exc:  # noqa: BLE001 - nibabel raises many types for invalid headers
             raise InputError(f"invalid NIfTI header: {_short(exc)}", path=path) from exc
-        if not shape or any(s <= 0 for s in shape):
-            raise InputError(f"header dimensions {shape} are not positive (the image holds no voxels)", path=path)
+        _check_shape(shape, path)
         if not (np.isfinite(vox_offset) and 0 <= vox_offset <= MAX_VOX_OFFSET):
             raise InputError(f"header's data offset (vox_offset {vox_offset:g}) is not plausible", path=path)
         offset = max(int(vox_offset), klass.sizeof_hdr + 4)  # < minimum: data right after (as niftilib)
@@ -561,8 +566,7 @@ def _read_nifti_pair(path: Path) -> _Raw:
             raise
         except Exception as exc:  # noqa: BLE001 - nibabel raises many types for damaged files
             raise InputError(f"cannot read as NIfTI: {_short(exc)}", path=path) from exc
-        if not shape or any(s <= 0 for s in shape):
-            raise InputError(f"header dimensions {shape} are not positive (the image holds no voxels)", path=path)
+        _check_shape(shape, path)
         check_memory(shape, dtype, path, scaled=True)
         try:
             data = np.asanyarray(img.dataobj)  # read here, inside the try, not lazily later

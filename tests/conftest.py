@@ -57,3 +57,31 @@ def brain(template):
     from regkl import synthetic
 
     return synthetic.brain_points(template, step_vox=3)
+
+
+def write_dicom_series(img, folder: Path, orientation: str | None = None, modality: str | None = None) -> Path:
+    """Write a SimpleITK 3D image as a DICOM series, one file per slice, into ``folder`` (created).
+
+    Each slice gets its position (0020|0032), orientation (0020|0037: ``orientation``, or the
+    image's own direction cosines), instance number and one series UID; ``modality`` (0008|0060)
+    when given.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder.mkdir()
+    if orientation is None:
+        orientation = "\\".join(map(str, np.asarray(img.GetDirection()).reshape(3, 3)[:, :2].T.ravel()))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(img.GetDepth()):
+        sl = img[:, :, k]
+        sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))
+        sl.SetMetaData("0020|0037", orientation)
+        sl.SetMetaData("0020|0013", str(k))
+        sl.SetMetaData("0020|000e", "1.2.3.4.5")
+        if modality:
+            sl.SetMetaData("0008|0060", modality)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(sl)
+    return folder

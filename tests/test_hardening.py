@@ -30,6 +30,8 @@ from regkl.cli import main
 from regkl.errors import InputError, OutputError
 from regkl.io import TEMP_PATTERN, atomic_path, load_series, load_volume, output_group, stale_temp_files
 
+from .conftest import write_dicom_series
+
 N = 32  # test images: 32^3 voxels of 4 mm (128 mm field of view), registration takes ~1 s
 AFF = np.array([[4.0, 0, 0, -62], [0, 4.0, 0, -62], [0, 0, 4.0, -62], [0, 0, 0, 1]])
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -965,23 +967,10 @@ def test_reader_matches_nibabel_on_valid_files(tmp_path):
 
 
 def test_dicom_folder_still_reads(tmp_path):
-    import SimpleITK as sitk
-
     from regkl.io import array_to_sitk
 
     img = array_to_sitk((blob() * 10).astype(np.int16), AFF)
-    folder = tmp_path / "dicom"
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(img.GetDepth()):
-        sl = img[:, :, k]
-        sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))
-        sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        sl.SetMetaData("0020|0013", str(k))
-        sl.SetMetaData("0020|000e", "1.2.3.4.5")
-        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
-        writer.Execute(sl)
+    folder = write_dicom_series(img, tmp_path / "dicom", orientation="1\\0\\0\\0\\1\\0")
     assert load_volume(folder).shape == (N, N, N)
 
 

@@ -9,6 +9,8 @@ from regkl.errors import InputError
 from regkl.io import array_to_sitk, load_volume, save_volume, sitk_to_array
 from regkl.volume import Volume
 
+from .conftest import write_dicom_series
+
 
 def _oblique_vox2ras():
     a = np.deg2rad(12)
@@ -135,19 +137,7 @@ def test_dicom_series_folder_and_nifti2(tmp_path):
     data, v2r, _ = _variants(tmp_path)
     ref = Volume(data, v2r)
     img = array_to_sitk((data * 1000).astype(np.int16), v2r)
-    folder = tmp_path / "dicom"
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(img.GetDepth()):
-        sl = img[:, :, k]
-        sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))
-        sl.SetMetaData("0020|0037", "\\".join(map(str, np.asarray(img.GetDirection()).reshape(3, 3)[:, :2].T.ravel())))
-        sl.SetMetaData("0020|0013", str(k))
-        sl.SetMetaData("0020|000e", "1.2.3.4.5")
-        sl.SetMetaData("0008|0060", "MR")
-        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
-        writer.Execute(sl)
+    folder = write_dicom_series(img, tmp_path / "dicom", modality="MR")
     vol = load_volume(folder)
     idx = np.stack(np.meshgrid(*[np.arange(0, s, 2) for s in data.shape], indexing="ij"), -1).reshape(-1, 3)
     world = ref.world_coords(idx)

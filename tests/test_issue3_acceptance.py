@@ -33,20 +33,26 @@ from .conftest import SHARED, need
 HEAD = SHARED / "mni152_fsl_head" / "mni152_T1w_head_2mm.nii.gz"
 
 
+def _axis_angle_shift(centre, axis, angle_deg, shift):
+    """(4, 4) rotation by ``angle_deg`` about ``axis`` through ``centre``, then a shift (mm)."""
+    x, y, z = np.asarray(axis) / np.linalg.norm(axis)
+    k = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+    a = math.radians(angle_deg)
+    rot = np.eye(3) + math.sin(a) * k + (1.0 - math.cos(a)) * (k @ k)
+    p = np.eye(4)
+    p[:3, :3] = rot
+    p[:3, 3] = centre - rot @ centre + np.asarray(shift)
+    return p
+
+
 def _perturbation(rng, centre, min_deg=60.0, max_deg=90.0, max_shift=60.0):
     """Rotation by U[min_deg, max_deg] about a random axis through ``centre``, then a shift uniform in
     a ball of radius ``max_shift`` mm."""
     axis = rng.standard_normal(3)
-    x, y, z = axis / np.linalg.norm(axis)
-    k = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
-    angle = math.radians(rng.uniform(min_deg, max_deg))
-    rot = np.eye(3) + math.sin(angle) * k + (1.0 - math.cos(angle)) * (k @ k)
+    angle = rng.uniform(min_deg, max_deg)
     direction = rng.standard_normal(3)
     shift = direction / np.linalg.norm(direction) * max_shift * rng.uniform() ** (1.0 / 3.0)
-    p = np.eye(4)
-    p[:3, :3] = rot
-    p[:3, 3] = centre - rot @ centre + shift
-    return p
+    return _axis_angle_shift(centre, axis, angle, shift)
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +96,6 @@ def test_capture_range_synthetic_default_settings(template, t1, brain):
         errors.append(rms_displacement(result.fixed2moving, p @ t0, brain))
     print("capture synthetic (mm):", np.round(errors, 3).tolist())
     assert max(errors) < 1.0, errors
-
-
-def _axis_angle_shift(centre, axis, angle_deg, shift):
-    x, y, z = np.asarray(axis) / np.linalg.norm(axis)
-    k = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
-    a = math.radians(angle_deg)
-    rot = np.eye(3) + math.sin(a) * k + (1.0 - math.cos(a)) * (k @ k)
-    p = np.eye(4)
-    p[:3, :3] = rot
-    p[:3, 3] = centre - rot @ centre + np.asarray(shift)
-    return p
 
 
 #: Starts of bench_capture.py (seed 33) that ended ~90-115 mm off on the REAL pair before the search
