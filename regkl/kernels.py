@@ -328,8 +328,10 @@ def block_mean(data, f0, f1, f2):
 SERIAL_BELOW = 20000
 
 # Serial builds of the same functions (prange runs as range); identical results, no thread wake-up.
-joint_histogram_serial = njit(cache=True, fastmath=False)(joint_histogram.py_func)
-matrix_gradient_serial = njit(cache=True, fastmath=False)(matrix_gradient.py_func)
+# They release the GIL, so independent evaluations can run concurrently in Python threads
+# (:func:`regkl.histogram.serial_kernels`).
+joint_histogram_serial = njit(cache=True, fastmath=False, nogil=True)(joint_histogram.py_func)
+matrix_gradient_serial = njit(cache=True, fastmath=False, nogil=True)(matrix_gradient.py_func)
 
 
 def warm_up():

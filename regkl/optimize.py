@@ -42,6 +42,8 @@ class LevelReport:
     metric_end: float
     stop_reason: str
     seconds: float
+    #: RMS displacement (mm, over the level's sample points) of the optimiser's last iteration.
+    last_step_mm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -171,27 +173,34 @@ def _step_monitor(obj):
     """
     pts = obj.samples.points
     pts = pts[:: max(1, len(pts) // 2000)]
-    state = {"matrix": None, "small": 0}
+    state = {"matrix": None, "small": 0, "step": None}
 
     def callback(intermediate_result):
         m = obj.model.matrix(intermediate_result.x * obj.scales, obj.centre)
         if state["matrix"] is not None:
             step = rms_displacement(m, state["matrix"], pts)
+            state["step"] = step
             state["small"] = state["small"] + 1 if step < obj.tol_mm else 0
             if state["small"] >= STEP_PATIENCE:
                 raise StopIteration
         state["matrix"] = m
 
+    callback.state = state
     return callback
 
 
 def _lbfgs(obj, params, max_iter):
-    """Run L-BFGS-B from ``params``; returns (params, value, scipy result). Never returns worse."""
+    """Run L-BFGS-B from ``params``; returns (params, value, scipy result). Never returns worse.
+
+    The result carries ``last_step_mm``: the RMS displacement of the last iteration (None without a
+    step monitor or before a second iteration).
+    """
     start_value = obj.metric_at(params)[0]
     callback = _step_monitor(obj) if obj.tol_mm > 0 else None
     res = sopt.minimize(obj, params / obj.scales, jac=True, method="L-BFGS-B", callback=callback,
                         options={"maxiter": max_iter, "maxfun": 4 * max_iter + 20, "ftol": 1e-9, "gtol": 1e-6,
                                  "maxcor": 10})
+    res.last_step_mm = None if callback is None else callback.state["step"]
     if not np.all(np.isfinite(res.x)):
         raise RegistrationError("optimiser diverged (non-finite parameters)")
     value = -float(res.fun)
@@ -325,7 +334,7 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
             params, end_value, res = _lbfgs(obj, params, max_iter)
             out.append(LevelReport(mdl.name, level.spacing, len(level.samples.points), int(res.nit),
                                    obj.evaluations, float(start_value), end_value, _stop_reason(res, obj),
-                                   time.perf_counter() - tl))
+                                   time.perf_counter() - tl, res.last_step_mm))
         return params, out
 
     for si, mdl in enumerate(stage_models):
@@ -363,7 +372,10 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
         from .confidence import assess
 
         rigid = get_model("rigid")
-        conf = assess(objective(lvls[-1], rigid), rigid.from_matrix(matrix, centre), centre, _refine)
+        last = reports[-1]
+        settled = last.stage == "rigid" and last.stop_reason.startswith("pose settled")
+        conf = assess(objective(lvls[-1], rigid), rigid.from_matrix(matrix, centre), centre, _refine,
+                      settled_step_mm=last.last_step_mm if settled else None)
         say(f"confidence {conf.score:.2f}{' (SUSPECT)' if conf.suspect else ''}: "
             + ", ".join(f"{k} {v:.3g}" for k, v in conf.evidence.items()))
     return Result(

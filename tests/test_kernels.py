@@ -219,3 +219,45 @@ def test_block_mean_matches_numpy_reshape(shape, factors):
     out = kernels.block_mean(data, f0, f1, f2)
     assert out.shape == (n0, n1, n2) and out.dtype == np.float32
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_serial_kernels_switch_is_per_thread_and_gives_identical_results():
+    """Inside ``serial_kernels()`` the GIL-free serial builds run, only in that thread, and two
+    threads evaluating at once get exactly what the parallel kernels give one after the other."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    moving = Volume(_smooth_random((30, 28, 26), rng).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    n = kernels.SERIAL_BELOW + 5000  # large enough for the parallel kernels by default
+    points = rng.uniform(5, 50, size=(n, 3))
+    samples = histogram.make_samples(points, rng.uniform(0, 1, n).astype(np.float32), 16)
+    level = histogram.make_moving_level(moving, 16)
+    mats = [np.eye(4), get_model("rigid").matrix(np.array([0.05, -0.03, 0.02, 1.0, -2.0, 0.5]), np.full(3, 27.0))]
+
+    def evaluate(m):
+        ev = histogram.joint_histogram(samples, level, m)
+        _, dtable = mutual_information(ev.hist)
+        return ev.hist, histogram.matrix_gradient(samples, level, ev, dtable)
+
+    assert not histogram._serial(n)
+    reference = [evaluate(m) for m in mats]
+    seen = []
+
+    def in_thread(m):
+        with histogram.serial_kernels():
+            seen.append(histogram._serial(n))
+            return evaluate(m)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        threaded = list(pool.map(in_thread, mats))
+    assert seen == [True, True] and not histogram._serial(n)
+    other = []
+    with histogram.serial_kernels():
+        t = threading.Thread(target=lambda: other.append(histogram._serial(n)))
+        t.start()
+        t.join()
+    assert other == [False]
+    for (h0, g0), (h1, g1) in zip(reference, threaded):
+        np.testing.assert_array_equal(h0, h1)
+        np.testing.assert_array_equal(g0, g1)

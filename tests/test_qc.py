@@ -97,3 +97,31 @@ def test_mid_sagittal_reflection_is_a_reflection_through_the_mapped_centre():
     np.testing.assert_allclose(g @ point, point, atol=1e-9)             # fixes the mapped centre
     normal = solution[:3, :3] @ np.array([1.0, 0, 0])
     np.testing.assert_allclose(g[:3, :3] @ normal, -normal, atol=1e-12)  # flips the mapped L-R axis
+
+
+def test_confidence_on_two_threads_equals_one_thread_and_reads_drift_from_the_settled_level(monkeypatch):
+    """The re-optimisations run concurrently (GIL-free serial kernels); every piece of evidence must
+    be exactly what one thread computes. When the finest rigid level ended because the pose settled,
+    the drift IS its last step (no re-optimisation); otherwise it is re-optimised."""
+    from pathlib import Path
+
+    from regkl import confidence
+    from regkl.io import load_volume
+    from regkl.optimize import register
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    moving = load_volume(data / "sub-01_bold.nii.gz", volume="mean")
+    fixed = load_volume(data / "sub-01_T1w.nii.gz")
+    results = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(confidence, "default_workers", lambda w=workers: w)
+        results[workers] = register(moving, fixed, confidence=True)
+    one, two = results[1], results[2]
+    assert one.confidence.evidence == two.confidence.evidence
+    last = two.levels[-1]
+    assert last.stage == "rigid" and last.stop_reason.startswith("pose settled"), last
+    assert two.confidence.evidence["drift_mm"] == last.last_step_mm < last.spacing_mm * 0.002
+    # an unsettled finish (iteration limit) is re-optimised: drift is then measured, not read
+    capped = register(moving, fixed, confidence=True, max_iter=2, search="none")
+    assert not capped.levels[-1].stop_reason.startswith("pose settled")
+    assert capped.confidence.evidence["drift_mm"] != capped.levels[-1].last_step_mm
