@@ -11,7 +11,7 @@ from scipy import optimize as sopt
 from . import histogram, masks, pyramid
 from .errors import InputError, RegistrationError
 from .initialize import SEARCH_MODES, SearchReport, global_search, initial_transform  # noqa: F401
-from .metrics import get_metric
+from .metrics import NATIVE_FIXED_METRICS, get_metric
 from .transforms import get_model, rms_displacement
 from .volume import Volume
 
@@ -145,12 +145,17 @@ class _Level:
     moving_image: Volume
 
 
-def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask):
+def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask, native_finest=False):
+    """Pyramid levels, coarse to fine. With ``native_finest`` (the metrics in
+    :data:`regkl.metrics.NATIVE_FIXED_METRICS`), the finest level's sample points keep their
+    positions but take their fixed intensities from ``fixed`` itself, unsmoothed."""
     levels = []
-    for spacing in spacings:
+    for li, spacing in enumerate(spacings):
         flev = pyramid.downsample(fixed, spacing)
         mlev = pyramid.downsample(moving, spacing)
         pts, vals = pyramid.sample_grid(flev, sampling, rng)
+        if native_finest and li == len(spacings) - 1:
+            vals = pyramid.values_at(fixed, pts)
         if fixed_mask is not None:
             keep = masks.values_at(fixed_mask, pts) >= 0.5
             if np.count_nonzero(keep) < 64:
@@ -294,7 +299,8 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
     rng = np.random.default_rng(seed)
 
     fixed_mask, moving_mask = masks.prepare_masks(fixed, moving, fixed_mask, moving_mask, auto_mask)
-    lvls = _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask)
+    lvls = _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask,
+                         native_finest=metric in NATIVE_FIXED_METRICS)
 
     finest_fixed = lvls[-1].fixed_image
     centre = finest_fixed.centre_of_mass()
@@ -419,9 +425,9 @@ class MetricProbe:
                  seed: int = 0):
         spacing = pyramid.default_spacings(fixed, moving, 1)
         self.spacing_mm = float(spacing[0])
-        self.level = _build_levels(moving, fixed, spacing, bins, sampling, np.random.default_rng(seed),
-                                   fixed_mask, moving_mask)[0]
         self.metric_fn = get_metric(metric) if prior is None else get_metric(metric, prior=prior)
+        self.level = _build_levels(moving, fixed, spacing, bins, sampling, np.random.default_rng(seed),
+                                   fixed_mask, moving_mask, native_finest=metric in NATIVE_FIXED_METRICS)[0]
         self.n_points = len(self.level.samples.points)
         self.min_valid = max(64, int(MIN_OVERLAP * self.n_points))
 

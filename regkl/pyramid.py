@@ -8,6 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import kernels
+from .transforms import apply_matrix
 from .volume import Volume
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -143,3 +144,23 @@ def sample_grid(level: Volume, fraction: float, rng: np.random.Generator, jitter
         idx = np.clip(idx, 0.0, shape - 1.0)
     values = ndimage.map_coordinates(level.data, idx.T, order=1, mode="nearest").astype(np.float32)
     return level.world_coords(idx), values
+
+
+def values_at(volume: Volume, points: np.ndarray) -> np.ndarray:
+    """Intensities of ``volume`` at world points, by trilinear interpolation.
+
+    The same interpolation as :func:`sample_grid` (edge voxels repeat beyond the grid), for
+    reading sample points of one level from another image, e.g. the unsmoothed fixed image.
+
+    Parameters
+    ----------
+    volume : Volume
+    points : ndarray, shape (N, 3)
+        World mm (RAS+).
+
+    Returns
+    -------
+    ndarray, shape (N,), float32
+    """
+    idx = apply_matrix(volume.ras2vox, np.asarray(points, dtype=np.float64))
+    return ndimage.map_coordinates(volume.data, idx.T, order=1, mode="nearest").astype(np.float32)

@@ -77,3 +77,37 @@ def test_smooth_variance_has_the_requested_variance(var):
         profile = out.sum(axis=tuple(a for a in range(3) if a != axis))
         got = float(profile @ x ** 2)
         np.testing.assert_allclose(got, expected, rtol=0.015, atol=1e-7)
+
+
+def test_values_at_matches_sample_grid_on_the_same_image():
+    """values_at reads world points as sample_grid does (trilinear, edges repeated), on any grid."""
+    from regkl.pyramid import sample_grid, values_at
+
+    rng = np.random.default_rng(5)
+    vol = Volume(rng.random((9, 8, 7), dtype=np.float32), np.array([[0.0, -2.0, 0.0, 5.0], [1.5, 0.0, 0.0, -3.0],
+                                                                   [0.0, 0.0, 2.5, 1.0], [0.0, 0.0, 0.0, 1.0]]))
+    pts, vals = sample_grid(vol, 0.7, np.random.default_rng(1))
+    np.testing.assert_allclose(values_at(vol, pts), vals, rtol=0, atol=1e-6)
+    outside = vol.world_coords(np.array([[-3.0, 0.0, 0.0], [8.0, 7.0, 6.0]]))
+    np.testing.assert_allclose(values_at(vol, outside), [vol.data[0, 0, 0], vol.data[8, 7, 6]], atol=1e-6)
+
+
+def test_finest_level_reads_the_unsmoothed_fixed_image_for_cr_only():
+    """For the metrics in NATIVE_FIXED_METRICS (cr) the finest level's fixed intensities come from the
+    fixed image itself at the same sample points; every other metric and every coarser level keeps the
+    level's smoothed copy."""
+    from regkl.metrics import NATIVE_FIXED_METRICS
+    from regkl.optimize import _build_levels
+    from regkl.pyramid import values_at
+
+    assert NATIVE_FIXED_METRICS == {"cr"}
+    fixed = _blob((40, 40, 40), 1.0, 4.0, [12.0, 22.0, 30.0])
+    moving = _blob((14, 14, 14), 3.0, 4.0, [12.0, 22.0, 30.0])
+    kw = dict(bins=16, sampling=0.5, fixed_mask=None, moving_mask=None)
+    plain = _build_levels(moving, fixed, [6.0, 3.0], rng=np.random.default_rng(2), **kw)
+    native = _build_levels(moving, fixed, [6.0, 3.0], rng=np.random.default_rng(2), native_finest=True, **kw)
+    np.testing.assert_array_equal(native[0].samples.values, plain[0].samples.values)
+    np.testing.assert_array_equal(native[-1].samples.points, plain[-1].samples.points)
+    np.testing.assert_allclose(native[-1].samples.values, values_at(fixed, native[-1].samples.points), atol=1e-6)
+    # the smoothed level is blurrier: its blob peak is lower than the unsmoothed image's
+    assert plain[-1].samples.values.max() < native[-1].samples.values.max()
