@@ -44,6 +44,8 @@ class LevelReport:
     seconds: float
     #: RMS displacement (mm, over the level's sample points) of the optimiser's last iteration.
     last_step_mm: float | None = None
+    #: Whether the level ended because the pose settled (two iterations under the step tolerance).
+    settled: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,42 +172,49 @@ def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, movi
     return levels
 
 
-def _step_monitor(obj):
+class _StepMonitor:
     """L-BFGS-B callback that stops once the pose has settled (see :data:`STEP_TOL`).
 
     Raises StopIteration (SciPy's documented way to end a minimisation early) after two
     successive iterations that each move the sample points by less than ``obj.tol_mm`` (RMS).
+    Afterwards ``settled`` says whether it did, and ``last_step_mm`` is the RMS displacement of
+    the last iteration (None before a second iteration).
     """
-    pts = obj.samples.points
-    pts = pts[:: max(1, len(pts) // 2000)]
-    state = {"matrix": None, "small": 0, "step": None}
 
-    def callback(intermediate_result):
+    def __init__(self, obj):
+        self.obj = obj
+        pts = obj.samples.points
+        self.points = pts[:: max(1, len(pts) // 2000)]
+        self.matrix = None
+        self.small = 0
+        self.last_step_mm = None
+        self.settled = False
+
+    def __call__(self, intermediate_result):
+        obj = self.obj
         m = obj.model.matrix(intermediate_result.x * obj.scales, obj.centre)
-        if state["matrix"] is not None:
-            step = rms_displacement(m, state["matrix"], pts)
-            state["step"] = step
-            state["small"] = state["small"] + 1 if step < obj.tol_mm else 0
-            if state["small"] >= STEP_PATIENCE:
+        if self.matrix is not None:
+            self.last_step_mm = rms_displacement(m, self.matrix, self.points)
+            self.small = self.small + 1 if self.last_step_mm < obj.tol_mm else 0
+            if self.small >= STEP_PATIENCE:
+                self.settled = True
                 raise StopIteration
-        state["matrix"] = m
-
-    callback.state = state
-    return callback
+        self.matrix = m
 
 
 def _lbfgs(obj, params, max_iter):
     """Run L-BFGS-B from ``params``; returns (params, value, scipy result). Never returns worse.
 
-    The result carries ``last_step_mm``: the RMS displacement of the last iteration (None without a
-    step monitor or before a second iteration).
+    The result also carries ``settled`` and ``last_step_mm`` from the step monitor (False / None
+    when ``obj.tol_mm`` is 0 and no monitor runs).
     """
     start_value = obj.metric_at(params)[0]
-    callback = _step_monitor(obj) if obj.tol_mm > 0 else None
-    res = sopt.minimize(obj, params / obj.scales, jac=True, method="L-BFGS-B", callback=callback,
+    monitor = _StepMonitor(obj) if obj.tol_mm > 0 else None
+    res = sopt.minimize(obj, params / obj.scales, jac=True, method="L-BFGS-B", callback=monitor,
                         options={"maxiter": max_iter, "maxfun": 4 * max_iter + 20, "ftol": 1e-9, "gtol": 1e-6,
                                  "maxcor": 10})
-    res.last_step_mm = None if callback is None else callback.state["step"]
+    res.settled = monitor is not None and monitor.settled
+    res.last_step_mm = None if monitor is None else monitor.last_step_mm
     if not np.all(np.isfinite(res.x)):
         raise RegistrationError("optimiser diverged (non-finite parameters)")
     value = -float(res.fun)
@@ -215,11 +224,10 @@ def _lbfgs(obj, params, max_iter):
 
 
 def _stop_reason(res, obj):
-    """Why L-BFGS-B ended, in words (the step monitor's early stop reads as SciPy's StopIteration)."""
-    text = str(res.message)
-    if "StopIteration" in text:
+    """Why L-BFGS-B ended, in words."""
+    if res.settled:
         return f"pose settled (two steps under {obj.tol_mm:.3g} mm)"
-    return text
+    return str(res.message)
 
 
 def _refine(obj, params, max_iter):
@@ -340,7 +348,7 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
             params, end_value, res = _lbfgs(obj, params, max_iter)
             out.append(LevelReport(mdl.name, level.spacing, len(level.samples.points), int(res.nit),
                                    obj.evaluations, float(start_value), end_value, _stop_reason(res, obj),
-                                   time.perf_counter() - tl, res.last_step_mm))
+                                   time.perf_counter() - tl, res.last_step_mm, res.settled))
         return params, out
 
     for si, mdl in enumerate(stage_models):
@@ -379,9 +387,8 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
 
         rigid = get_model("rigid")
         last = reports[-1]
-        settled = last.stage == "rigid" and last.stop_reason.startswith("pose settled")
         conf = assess(objective(lvls[-1], rigid), rigid.from_matrix(matrix, centre), centre, _refine,
-                      settled_step_mm=last.last_step_mm if settled else None)
+                      settled_step_mm=last.last_step_mm if last.stage == "rigid" and last.settled else None)
         say(f"confidence {conf.score:.2f}{' (SUSPECT)' if conf.suspect else ''}: "
             + ", ".join(f"{k} {v:.3g}" for k, v in conf.evidence.items()))
     return Result(
