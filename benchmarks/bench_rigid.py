@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import os
@@ -116,9 +117,18 @@ def fmt(x, digits=2):
 class Tool:
     name = "?"
     note = ""
+    #: (module to import, package name for the message), or None when nothing optional is needed.
+    requires = None
 
     def available(self):
         """None when usable, else the reason it is skipped."""
+        if self.requires is None:
+            return None
+        module, package = self.requires
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return f"{package} not importable ({exc})"
         return None
 
     def prepare(self, moving: Volume, fixed: Volume, workdir: Path):
@@ -151,12 +161,7 @@ class SitkTool(Tool):
             "GradientDescent(lr 1.0, 100 it, conv. 1e-6 / window 10) with scales from physical shift, "
             "shrink [4,2,1], smoothing [2,1,0] mm, CenteredTransformInitializer(Euler3D, MOMENTS)")
 
-    def available(self):
-        try:
-            import SimpleITK  # noqa: F401
-        except ImportError as exc:
-            return f"SimpleITK not importable ({exc})"
-        return None
+    requires = ("SimpleITK", "SimpleITK")
 
     def prepare(self, moving, fixed, workdir):
         import SimpleITK as sitk
@@ -206,12 +211,7 @@ class AntsTool(Tool):
             "smoothing 3x2x1x0 vox, centre-of-mass start); images from "
             "ants.from_numpy with LPS origin/spacing/direction; result read from fwdtransforms[0]")
 
-    def available(self):
-        try:
-            import ants  # noqa: F401
-        except ImportError as exc:
-            return f"antspyx not importable ({exc})"
-        return None
+    requires = ("ants", "antspyx")
 
     def prepare(self, moving, fixed, workdir):
         import ants
@@ -281,12 +281,7 @@ class DipyTool(Tool):
             "level_iters [1000,100,10], sigmas [3,1,0] vox, factors [4,2,1]), RigidTransform3D, "
             "started from transform_centers_of_mass")
 
-    def available(self):
-        try:
-            import dipy.align.imaffine  # noqa: F401
-        except ImportError as exc:
-            return f"dipy not importable ({exc})"
-        return None
+    requires = ("dipy.align.imaffine", "dipy")
 
     def prepare(self, moving, fixed, workdir):
         return (np.asarray(moving.data, dtype=np.float64), moving.vox2ras.copy(),
