@@ -1,0 +1,1 @@
+"""One module per ``regkl`` command; :mod:`regkl.cli` assembles them into the command group."""
