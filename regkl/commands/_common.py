@@ -13,7 +13,59 @@ def log(quiet):
 
 
 def volume_option(value):
-    return int(value) if value.lstrip("-").isdigit() else value
+    """--moving-volume: 'mean', 'median' or a 0-based volume index (checked before any image is read)."""
+    if value.isdigit():
+        return int(value)
+    if value in ("mean", "median"):
+        return value
+    raise click.BadParameter(f"expected mean, median or a volume index N >= 0, got {value!r}",
+                             param_hint="--moving-volume")
+
+
+class RegistryChoice(click.Choice):
+    """A choice among a registry's names, checked when the command line is parsed (before any image
+    is read); the message names what was given and lists the valid names."""
+
+    def __init__(self, names, what):
+        super().__init__(tuple(names))
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        self.fail(f"unknown {self.what} {value!r}; choose one of {', '.join(self.choices)}", param, ctx)
+
+
+def format_option(*names, help_text, dest="fmt"):
+    """A transform-format option: a choice of :data:`regkl.xfm.FORMATS` (default: told by the file)."""
+    from ..xfm import FORMATS
+
+    return click.option(*names, dest, type=RegistryChoice(FORMATS, "transform format"), default=None,
+                        help=help_text)
+
+
+def metric_names(value, param_hint="--metric"):
+    """Names of a comma-separated --metric value, each checked against the metric registry."""
+    from ..metrics import METRICS
+
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    bad = [n for n in names if n not in METRICS]
+    if not names or bad:
+        raise click.BadParameter(f"unknown metric {', '.join(map(repr, bad)) or '(none given)'}; choose one of "
+                                 f"{', '.join(METRICS)}", param_hint=param_hint)
+    return names
+
+
+def model_choice():
+    from ..transforms import MODELS
+
+    return RegistryChoice(MODELS, "model")
+
+
+def metric_choice():
+    from ..metrics import METRICS
+
+    return RegistryChoice(METRICS, "metric")
 
 
 def set_threads(threads):
