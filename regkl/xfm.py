@@ -290,7 +290,7 @@ FORMATS = {
     "fsl": TransformFormat("fsl", "FSL", "FSL FLIRT matrix (-omat; input = moving, reference = fixed)",
                            (".mat", ".txt"), True, _parse_fsl, _fsl_to_ras, _fsl_text),
     "afni": TransformFormat("afni", "AFNI", "AFNI .aff12.1D matrix (base = fixed, source = moving)",
-                            (".1d",), True, _parse_afni, _afni_to_ras, _afni_text),
+                            (".1D",), True, _parse_afni, _afni_to_ras, _afni_text),
     "lta": TransformFormat("lta", "FreeSurfer LTA", "FreeSurfer LTA (.lta)", (".lta",), False,
                            _parse_lta, _identity_to_ras, _lta_text),
 }
@@ -435,7 +435,7 @@ def output_format(path, fmt: str | None = None, *, option: str = "--transform-ou
                               f"{format_option} itk or {format_option} fsl", path=path)
         raise OutputError(f"{option}: regkl cannot write a {suffix or 'suffix-less'} transform file; use .tfm or "
                           f".txt (ITK), .h5, .mat, .lta or .aff12.1D (or {format_option})", path=path)
-    if suffix not in FORMATS[fmt].suffixes:
+    if suffix not in {s.lower() for s in FORMATS[fmt].suffixes}:
         raise OutputError(f"{option}: {FORMATS[fmt].title} transforms are written as "
                           f"{' or '.join(FORMATS[fmt].suffixes)}, not {suffix or 'a suffix-less name'}", path=path)
     return fmt

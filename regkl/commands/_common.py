@@ -24,11 +24,23 @@ def volume_option(value):
 
 class RegistryChoice(click.Choice):
     """A choice among a registry's names, checked when the command line is parsed (before any image
-    is read); the message names what was given and lists the valid names."""
+    is read); the message names what was given and lists the valid names.
 
-    def __init__(self, names, what):
-        super().__init__(tuple(names))
+    The registry (``module.attribute``, a dict) is imported on first use, so defining the commands
+    does not import it: the command line starts fast.
+    """
+
+    def __init__(self, module, attribute, what):  # noqa: D107 - click.Choice's choices come from the registry
+        self._registry = (module, attribute)
         self.what = what
+        self.case_sensitive = True
+
+    @property
+    def choices(self):
+        import importlib
+
+        module, attribute = self._registry
+        return tuple(getattr(importlib.import_module(module), attribute))
 
     def convert(self, value, param, ctx):
         if value in self.choices:
@@ -38,9 +50,7 @@ class RegistryChoice(click.Choice):
 
 def format_option(*names, help_text, dest="fmt"):
     """A transform-format option: a choice of :data:`regkl.xfm.FORMATS` (default: told by the file)."""
-    from ..xfm import FORMATS
-
-    return click.option(*names, dest, type=RegistryChoice(FORMATS, "transform format"), default=None,
+    return click.option(*names, dest, type=RegistryChoice("regkl.xfm", "FORMATS", "transform format"), default=None,
                         help=help_text)
 
 
@@ -57,15 +67,11 @@ def metric_names(value, param_hint="--metric"):
 
 
 def model_choice():
-    from ..transforms import MODELS
-
-    return RegistryChoice(MODELS, "model")
+    return RegistryChoice("regkl.transforms", "MODELS", "model")
 
 
 def metric_choice():
-    from ..metrics import METRICS
-
-    return RegistryChoice(METRICS, "metric")
+    return RegistryChoice("regkl.metrics", "METRICS", "metric")
 
 
 def set_threads(threads):
