@@ -160,22 +160,22 @@ def _factory(fmt):
 # the formats: parse (file -> stored matrix, validated), to RAS, from RAS, write
 
 
-def _parse_ras(path, explicit):
+def _parse_ras(path):
     return _text_matrix(path)
 
 
-def _parse_itk(path, explicit):
+def _parse_itk(path):
     head = _head(path)
     container = ("h5" if head.startswith(HDF5_MAGIC) or Path(path).suffix.lower() in (".h5", ".hdf5") else
                  "mat" if head.startswith(b"MATLAB 5.0") or Path(path).suffix.lower() == ".mat" else "text")
     return read_itk_lps(path, container=container)
 
 
-def _parse_fsl(path, explicit):
+def _parse_fsl(path):
     return check_transform_matrix(_text_matrix(path), path, what="FSL matrix")
 
 
-def _parse_afni(path, explicit):
+def _parse_afni(path):
     rows = [line for line in _text_lines(Path(path).read_bytes()) if not line.startswith("#")]
     try:
         values = [[float(t) for t in row.split()] for row in rows]
@@ -189,7 +189,7 @@ def _parse_afni(path, explicit):
     return check_transform_matrix(m, path, what="AFNI matrix")
 
 
-def _parse_lta(path, explicit):
+def _parse_lta(path):
     import warnings
 
     from nitransforms.io.lta import FSLinearTransformArray
@@ -264,7 +264,7 @@ def _lta_text(m, fixed, moving, path):
 class TransformFormat:
     """One transform file format: how to read it, convert it and write it.
 
-    ``parse(path, explicit)`` returns the file's matrix in its own convention (validated);
+    ``parse(path)`` returns the file's matrix in its own convention;
     ``to_ras(stored, fixed, moving, path)`` and ``text(fixed2moving, fixed, moving, path)``
     convert; ``suffixes`` are the names it may be written under; ``needs_images`` says whether
     converting needs the fixed and moving grids.
@@ -272,7 +272,6 @@ class TransformFormat:
 
     name: str
     title: str
-    description: str
     suffixes: tuple
     needs_images: bool
     parse: object
@@ -282,19 +281,13 @@ class TransformFormat:
 
 #: name -> format. The registry every option, message and reader uses.
 FORMATS = {
-    "ras": TransformFormat("ras", "regkl RAS", "regkl's 4x4 RAS+ fixed->moving text matrix (with its header)",
-                           (".txt",), False, _parse_ras, _identity_to_ras, _ras_text),
-    "itk": TransformFormat("itk", "ITK", "ITK/ANTs/SimpleITK linear transform (.tfm/.txt text, .mat binary "
-                           "as ANTs writes, .h5)", (".tfm", ".txt", ".mat", ".h5", ".hdf5"), False,
-                           _parse_itk, lambda stored, *_: lps_to_ras(stored), _itk_text),
-    "fsl": TransformFormat("fsl", "FSL", "FSL FLIRT matrix (-omat; input = moving, reference = fixed)",
-                           (".mat", ".txt"), True, _parse_fsl, _fsl_to_ras, _fsl_text),
-    "afni": TransformFormat("afni", "AFNI", "AFNI .aff12.1D matrix (base = fixed, source = moving)",
-                            (".1D",), True, _parse_afni, _afni_to_ras, _afni_text),
-    "lta": TransformFormat("lta", "FreeSurfer LTA", "FreeSurfer LTA (.lta)", (".lta",), False,
-                           _parse_lta, _identity_to_ras, _lta_text),
+    "ras": TransformFormat("ras", "regkl RAS", (".txt",), False, _parse_ras, _identity_to_ras, _ras_text),
+    "itk": TransformFormat("itk", "ITK", (".tfm", ".txt", ".mat", ".h5", ".hdf5"), False, _parse_itk,
+                           lambda stored, *_: lps_to_ras(stored), _itk_text),
+    "fsl": TransformFormat("fsl", "FSL", (".mat", ".txt"), True, _parse_fsl, _fsl_to_ras, _fsl_text),
+    "afni": TransformFormat("afni", "AFNI", (".1D",), True, _parse_afni, _afni_to_ras, _afni_text),
+    "lta": TransformFormat("lta", "FreeSurfer LTA", (".lta",), False, _parse_lta, _identity_to_ras, _lta_text),
 }
-FORMAT_NAMES = tuple(FORMATS)
 #: Suffixes that name one format on their own (when a file's content does not say).
 SUFFIX_FORMATS = {".tfm": "itk", ".h5": "itk", ".hdf5": "itk", ".lta": "lta", ".1d": "afni"}
 #: Suffixes whose content is written in one format unless another is asked for (fMRIPrep's _xfm.txt is ITK).
@@ -399,8 +392,8 @@ def read_transform(path, fmt: str | None = None, *, option: str = "--format") ->
         raise InputError(f"a bare 4x4 matrix without regkl's header: its convention (RAS world, FSL FLIRT's "
                          f"scaled voxels, ...) cannot be told from the file; say which with {option} fsl (FLIRT "
                          f"-omat) or {option} ras", path=p)
-    stored = FORMATS[chosen].parse(p, fmt is not None)
-    return TransformFile(str(p), chosen, np.asarray(stored, dtype=np.float64))
+    stored = check_transform_matrix(FORMATS[chosen].parse(p), p)  # before any image is read
+    return TransformFile(str(p), chosen, stored)
 
 
 def load_transform(path, fmt: str | None = None, *, fixed=None, moving=None, option: str = "--format") -> np.ndarray:
