@@ -203,6 +203,15 @@ def test_fsl_matrix_named_txt_refused_then_applied_exactly_with_format(pair, tmp
     b = nib.load(str(tmp_path / "b.nii.gz")).get_fdata()
     assert np.count_nonzero(b) > 0.2 * b.size
     np.testing.assert_allclose(a, b, atol=1e-3)
+    # --inverse: a fixed-space image onto the moving grid; FLIRT's -ref is then the MOVING argument
+    for name, transform, extra in (("c", fsl_txt, ["--format", "fsl"]), ("d", tmp_path / "ras.txt", [])):
+        code, _, err = run(["apply", transform, fixed_path, moving_path, "--inverse", *extra,
+                            "-o", tmp_path / f"{name}.nii.gz", "-q"], capfd)
+        assert code == 0, err
+    c = nib.load(str(tmp_path / "c.nii.gz")).get_fdata()
+    d = nib.load(str(tmp_path / "d.nii.gz")).get_fdata()
+    assert np.count_nonzero(d) > 0.2 * d.size
+    np.testing.assert_allclose(c, d, atol=1e-3)
 
 
 @pytest.mark.parametrize("name, content, fmt, phrase", [
