@@ -35,7 +35,8 @@ def grids(folder, orientation):
     paths = []
     for name, voxel, shape, centre, orient in (
             ("fixed", (1.5, 1.5, 1.5), (40, 48, 40), (1.0, -18.0, 10.0), orientation),
-            ("moving", (3.0, 3.0, 3.5), (24, 26, 16), (-4.0, -10.0, 16.0), "oblique" if orientation == "RAS" else "RAS")):
+            ("moving", (3.0, 3.0, 3.5), (24, 26, 16), (-4.0, -10.0, 16.0),
+             "oblique" if orientation == "RAS" else "RAS")):
         img = nib.Nifti1Image(rng.uniform(1, 100, shape).astype(np.float32), _vox2ras(orient, voxel, shape, centre))
         paths.append(folder / f"{name}_{orientation}.nii.gz")
         nib.save(img, str(paths[-1]))

@@ -460,8 +460,8 @@ class MetricProbe:
         return float(self.metric_fn(ev.hist)[0]), overlap, int(ev.n_valid)
 
 
-def evaluate_metric(moving: Volume | str, fixed: Volume | str, fixed2moving: np.ndarray | None = None, *, metric: str = "mi",
-                    bins: int = 24, prior=None, fixed_mask: Volume | None = None,
+def evaluate_metric(moving: Volume | str, fixed: Volume | str, fixed2moving: np.ndarray | None = None, *,
+                    metric: str = "mi", bins: int = 24, prior=None, fixed_mask: Volume | None = None,
                     moving_mask: Volume | None = None, sampling: float = 1.0, seed: int = 0):
     """Similarity of two images in world space, as the registration's finest level sees it.
 

@@ -56,7 +56,8 @@ def apply_cmd(transform, moving, reference, output, interp, inverse, fmt, as_jso
                dtype=np.float32 if interp != "nearest" else dtype, zooms_t=zooms_t)
     say(f"{len(volumes)} volume(s) resampled on {reference} in {time.perf_counter() - t0:.2f} s")
     if as_json:
-        click.echo(json.dumps({"transform": transform, "transform_format": transform_file.format, "moving": moving, "reference": reference, "output": output,
+        click.echo(json.dumps({"transform": transform, "transform_format": transform_file.format, "moving": moving,
+                               "reference": reference, "output": output,
                                "volumes": len(volumes), "interp": interp, "inverse": inverse,
                                "seconds": round(time.perf_counter() - t0, 4)}))
 

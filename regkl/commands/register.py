@@ -46,8 +46,8 @@ Examples:
 @click.option("--init-transform", type=click.Path(dir_okay=False), help="Start from this transform (fixed->moving, "
               "any format --transform-out writes, e.g. FLIRT -init or ANTs --initial-moving-transform); the "
               "global search is then off unless --search is given.")
-@format_option("--init-format", dest="init_fmt", help_text="Format of --init-transform when its content and suffix do not say "
-               "(a bare 4x4 matrix: fsl or ras).")
+@format_option("--init-format", dest="init_fmt", help_text="Format of --init-transform when its content and "
+               "suffix do not say (a bare 4x4 matrix: fsl or ras).")
 @click.option("--qc", "qc_out", type=click.Path(dir_okay=False), help="QC picture (PNG): edges, reverse edges, "
               "checkerboard in three views.")
 @click.option("--model", default="rigid", show_default=True, type=model_choice(),
