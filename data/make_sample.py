@@ -86,7 +86,7 @@ def _save_gz(img: nib.Nifti1Image, path: Path) -> None:
 
 def _truth_header(fixed2moving: np.ndarray, centre: np.ndarray) -> str:
     return "\n".join([
-        "fixed2moving, RAS+ millimetres (regkl convention).",
+        "regkl transform: 4x4 matrix, RAS+ millimetres; fixed2moving (regkl convention).",
         f"Maps a world point of the FIXED image ({T1_NAME}) to the same anatomical point in the world of",
         f"the MOVING image ({BOLD_NAME}); pull direction: bold voxel v shows the T1 world point",
         "inv(M) @ bold_vox2ras @ v.",

@@ -3,6 +3,15 @@
 Internal convention: every transform is a 4x4 matrix in RAS+ millimetres that maps a point of the
 FIXED (reference) image's world to the corresponding point of the MOVING image's world (the pull
 direction used for resampling). Conversions to other conventions happen only in :mod:`regkl.xfm`.
+
+The public functions take images as a :class:`Volume`, a nibabel image or a path::
+
+    import nibabel as nib, regkl
+    result = regkl.register(nib.load("bold.nii.gz"), "T1w.nii.gz")   # -> regkl.optimize.Result
+    registered = regkl.apply("bold.nii.gz", "T1w.nii.gz", result.fixed2moving)
+    regkl.save_transform("bold2T1w.tfm", result.fixed2moving)
+
+They are loaded on first use (``import regkl`` stays light: the command line starts fast).
 """
 
 import os as _os
@@ -21,11 +30,29 @@ if "numpy" not in _sys.modules:
 from .errors import RegklError, InputError, RegistrationError  # noqa: E402,F401
 from .volume import Volume  # noqa: E402,F401
 
-__all__ = ["__version__", "RegklError", "InputError", "RegistrationError", "Volume", "register"]
+#: Public functions, imported from their modules on first access (PEP 562): name -> (module, attribute).
+_LAZY = {
+    "register": ("optimize", "register"),
+    "evaluate_metric": ("optimize", "evaluate_metric"),
+    "apply": ("resample", "resample"),
+    "load_volume": ("io", "load_volume"),
+    "load_transform": ("xfm", "load_transform"),
+    "save_transform": ("xfm", "save_transform"),
+}
+
+__all__ = ["__version__", "RegklError", "InputError", "RegistrationError", "Volume", *_LAZY]
 
 
-def register(*args, **kwargs):
-    """Register a moving volume to a fixed one; see :func:`regkl.optimize.register`."""
-    from .optimize import register as _register
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
 
-    return _register(*args, **kwargs)
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'regkl' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -5,8 +5,7 @@ never raises (a failure becomes a row with ``status='failed'``). Jobs run in loc
 (:func:`run_local`) or on an existing Dask cluster (:func:`run_dask`). A job is complete when its
 sidecar JSON exists and every output it lists is present with the recorded size: the sidecar is
 written last, and every file is written atomically, so a killed batch leaves nothing a later run
-mistakes for complete. Each pair also gets a small QC picture (:func:`regkl.qc.qc_thumbnail`,
-when matplotlib is installed), which :mod:`regkl.report` embeds in the batch's HTML report.
+mistakes for complete. Each pair also gets a small QC picture (:func:`regkl.qc.qc_thumbnail`), which :mod:`regkl.report` embeds in the batch's HTML report.
 """
 
 from __future__ import annotations
@@ -206,10 +205,8 @@ def run_job(job: Job, threads: int | None = None) -> dict:
 
 
 def _thumbnail(job: Job, fixed, registered, inputs) -> str:
-    """Write the job's QC thumbnail; its path, or "" when the job has none or matplotlib is missing."""
-    import importlib.util
-
-    if not job.qc or importlib.util.find_spec("matplotlib") is None:
+    """Write the job's QC thumbnail; its path, or "" when the job has none."""
+    if not job.qc:
         return ""
     from .qc import qc_thumbnail
 

@@ -823,6 +823,33 @@ def load_volume(path, *, volume="mean", allow_constant: bool = False) -> Volume:
     return vol
 
 
+def volume_from_nibabel(img, *, volume="mean", allow_constant: bool = False) -> Volume:
+    """A nibabel image (3D or 4D, already loaded) as a RAS+ :class:`Volume`, with :func:`load_volume`'s checks.
+
+    The voxel-to-world matrix is chosen as for a file (NIfTI: sform, else qform, else voxel
+    sizes; other images: ``img.affine``); ``volume`` reduces a 4D series.
+
+    Raises
+    ------
+    InputError
+        As :func:`load_volume` (names the image's file when it has one).
+    """
+    name = str(img.get_filename() or "<nibabel image>")
+    notes: list = []
+    data = np.asanyarray(img.dataobj)
+    header = img.header if hasattr(img.header, "get_sform") else None
+    if header is not None:
+        vox2ras, matrix_name = _nifti_affine(header, data.shape, notes)
+    else:
+        vox2ras, matrix_name = img.affine, "voxel-to-world matrix (affine)"
+    if vox2ras is None:
+        raise InputError("the image has no voxel-to-world matrix (affine is None)", path=name)
+    with np.errstate(all="ignore"):
+        vol = _finish(_Raw(data, vox2ras, header, matrix_name, notes), name, volume, allow_constant=allow_constant)
+    _issue(notes, name)
+    return vol
+
+
 def load_series(path):
     """Read an image without reducing it: (list of 3D Volumes, 4D NIfTI header or None).
 

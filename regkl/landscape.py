@@ -156,12 +156,12 @@ def profile_metric(moving: Volume, fixed: Volume, fixed2moving: np.ndarray, *, m
 def plot_profile(profile: Profile, path, *, title: str = "", protect=()) -> Path:
     """Six panels (rotations above, shifts below): each curve, the pose (offset 0) and the best point.
 
-    Needs matplotlib (``regkl[qc]``); the PNG is written atomically.
+    The PNG is written atomically.
     """
     from .io import atomic_path
-    from .qc import _require_matplotlib
+    from .qc import pyplot
 
-    plt = _require_matplotlib()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(11, 6.2), sharey=True)
     for k, ax in enumerate(axes.ravel()):
         name, unit, label = PARAMETERS[k]

@@ -13,7 +13,7 @@ from .errors import InputError, RegistrationError
 from .initialize import SEARCH_MODES, SearchReport, global_search, initial_transform  # noqa: F401
 from .metrics import NATIVE_FIXED_METRICS, get_metric
 from .transforms import get_model, rms_displacement
-from .volume import Volume
+from .volume import Volume, as_volume
 
 #: Minimum fraction of sample points that must land inside the moving image.
 MIN_OVERLAP = 0.05
@@ -236,7 +236,7 @@ def _refine(obj, params, max_iter):
     return q, v
 
 
-def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str = "mi", bins: int = 24,
+def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid", metric: str = "mi", bins: int = 24,
              sampling: float = 0.5, levels: int | None = None, init: str = "com",
              init_fixed2moving: np.ndarray | None = None, search: str = "auto", fixed_mask: Volume | None = None,
              moving_mask: Volume | None = None, auto_mask: bool = False, prior=None, seed: int = 0,
@@ -246,8 +246,8 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
 
     Parameters
     ----------
-    moving, fixed : Volume
-        3D images in RAS+ mm.
+    moving, fixed : Volume, nibabel image or path
+        The images (3D; a 4D image or file is reduced to its mean volume).
     model : str
         Transform model name (see :data:`regkl.transforms.MODELS`); models with ``stages`` run
         those first (``affine``: rigid, then affine), each starting from the last.
@@ -267,7 +267,7 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
         Global rotation/translation search at the coarsest level (see
         :func:`regkl.initialize.global_search`); 'auto' keeps the start unless a searched pose is
         clearly better.
-    fixed_mask, moving_mask : Volume, optional
+    fixed_mask, moving_mask : Volume, nibabel image or path, optional
         Masks on any grid: only fixed samples inside ``fixed_mask`` count, and only where they map
         inside ``moving_mask``.
     auto_mask : bool
@@ -288,7 +288,19 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
     Returns
     -------
     Result
+
+    Raises
+    ------
+    TypeError
+        An image that is not a Volume, a nibabel image or a path.
+    InputError
+        Unknown model, metric or search mode, settings out of range, unusable images.
+    RegistrationError
+        The images do not overlap, or the time limit was reached.
     """
+    moving, fixed = as_volume(moving, what="moving"), as_volume(fixed, what="fixed")
+    fixed_mask = None if fixed_mask is None else as_volume(fixed_mask, what="fixed_mask", allow_constant=True)
+    moving_mask = None if moving_mask is None else as_volume(moving_mask, what="moving_mask", allow_constant=True)
     t0 = time.perf_counter()
     deadline = None if max_seconds is None else t0 + float(max_seconds)
     say = log or (lambda msg: None)
@@ -448,14 +460,14 @@ class MetricProbe:
         return float(self.metric_fn(ev.hist)[0]), overlap, int(ev.n_valid)
 
 
-def evaluate_metric(moving: Volume, fixed: Volume, fixed2moving: np.ndarray | None = None, *, metric: str = "mi",
-                    bins: int = 24, prior=None, fixed_mask: Volume | None = None,
+def evaluate_metric(moving: Volume | str, fixed: Volume | str, fixed2moving: np.ndarray | None = None, *,
+                    metric: str = "mi", bins: int = 24, prior=None, fixed_mask: Volume | None = None,
                     moving_mask: Volume | None = None, sampling: float = 1.0, seed: int = 0):
     """Similarity of two images in world space, as the registration's finest level sees it.
 
     Parameters
     ----------
-    moving, fixed : Volume
+    moving, fixed : Volume, nibabel image or path
     fixed2moving : ndarray (4, 4), optional
         RAS fixed -> moving; identity (the headers) when omitted.
     metric, bins, prior, fixed_mask, moving_mask, sampling, seed
@@ -468,6 +480,7 @@ def evaluate_metric(moving: Volume, fixed: Volume, fixed2moving: np.ndarray | No
     overlap : float
         Fraction of the fixed sample points that fall inside the moving image (and masks).
     """
+    moving, fixed = as_volume(moving, what="moving"), as_volume(fixed, what="fixed")
     probe = MetricProbe(moving, fixed, metric=metric, bins=bins, prior=prior, fixed_mask=fixed_mask,
                         moving_mask=moving_mask, sampling=sampling, seed=seed)
     value, overlap, n_valid = probe(np.eye(4) if fixed2moving is None else fixed2moving)

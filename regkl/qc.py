@@ -1,7 +1,7 @@
 """Quality-control pictures: edges of one image over the other, and a checkerboard; small
 thumbnails (three views, fixed edges over the registered image) for batch reports.
 
-Needs matplotlib (``pip install 'regkl[qc]'``). Both images must be on the same grid (the
+Drawn with matplotlib (Agg backend, no display needed). Both images must be on the same grid (the
 registered moving image is on the fixed grid).
 """
 
@@ -12,18 +12,17 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError, RegklError
+from .errors import InputError
 from .volume import Volume
 
 
-def _require_matplotlib():
-    try:
-        import matplotlib
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only; imported when a picture is drawn)."""
+    import matplotlib
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RegklError("QC pictures need matplotlib: pip install 'regkl[qc]'") from None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -116,7 +115,7 @@ def qc_figure(fixed: Volume, registered: Volume, path, *, title: str = "", n_sli
         Size of the checkerboard squares.
     """
     _check_grid(fixed, registered)
-    plt = _require_matplotlib()
+    plt = pyplot()
     f = _robust_norm(canonical(fixed))
     m = _robust_norm(canonical(registered))
     f_edges, f_level = edges(f)
@@ -165,7 +164,7 @@ def qc_thumbnail(fixed: Volume, registered: Volume, path=None, *, panel_px: int 
         The PNG file's content.
     """
     _check_grid(fixed, registered)
-    plt = _require_matplotlib()
+    plt = pyplot()
     f = _robust_norm(canonical(fixed))
     m = _robust_norm(canonical(registered))
     # edges of the three slices only (from thin slabs around them): the whole volume costs ~1 s at 1 mm

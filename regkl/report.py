@@ -6,8 +6,8 @@ can be mailed or archived on its own. Rows are ordered worst first (failed, then
 lowest confidence); clicking a column header sorts by that column (again: the other way).
 
 Thumbnails come from the PNG each job wrote (the ``qc`` field of its summary row); for a pair
-without one (a batch run before thumbnails existed) the picture is made from the written outputs
-when matplotlib is available. A failed pair has a row with its error and no picture.
+without one (a batch run before thumbnails existed) the picture is made from the written outputs.
+A failed pair has a row with its error and no picture.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def picture(row) -> tuple:
     """(PNG bytes or None, note shown instead) for one summary row.
 
     The job's own thumbnail when it exists; else, for a completed pair, one made from its written
-    outputs (registered image and fixed image), when matplotlib is installed.
+    outputs (registered image and fixed image).
     """
     if row.get("status") == "failed":
         return None, "no picture (registration failed)"
@@ -195,10 +195,6 @@ def picture(row) -> tuple:
 
 
 def _picture_from_outputs(row) -> tuple:
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        return None, "no picture (matplotlib not installed)"
     fixed, output = row.get("fixed"), row.get("output")
     if not (fixed and output and Path(fixed).is_file() and Path(output).is_file()):
         return None, "no picture (outputs not found)"

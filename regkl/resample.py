@@ -7,7 +7,7 @@ from scipy import ndimage
 
 from . import kernels
 from .errors import InputError
-from .volume import Volume
+from .volume import Volume, as_volume
 
 INTERPOLATORS = ("nearest", "linear", "cubic")
 
@@ -17,14 +17,14 @@ def vox2vox(moving: Volume, grid: Volume, fixed2moving: np.ndarray) -> np.ndarra
     return moving.ras2vox @ np.asarray(fixed2moving, dtype=np.float64) @ grid.vox2ras
 
 
-def resample(moving: Volume, grid: Volume, fixed2moving: np.ndarray, *, interp: str = "linear",
+def resample(moving: Volume | str, grid: Volume | str, fixed2moving: np.ndarray, *, interp: str = "linear",
              fill: float = 0.0) -> Volume:
     """Resample ``moving`` on the voxel grid of ``grid`` (usually the fixed image).
 
     Parameters
     ----------
-    moving : Volume
-    grid : Volume
+    moving : Volume, nibabel image or path
+    grid : Volume, nibabel image or path
         Supplies the output shape, vox2ras and header.
     fixed2moving : ndarray (4, 4)
         RAS mm, grid world -> moving world.
@@ -39,6 +39,8 @@ def resample(moving: Volume, grid: Volume, fixed2moving: np.ndarray, *, interp: 
     """
     if interp not in INTERPOLATORS:
         raise InputError(f"unknown interpolation {interp!r}; choose one of {', '.join(INTERPOLATORS)}")
+    moving = as_volume(moving, what="moving", allow_constant=True)
+    grid = as_volume(grid, what="grid", allow_constant=True)
     m = np.ascontiguousarray(vox2vox(moving, grid, fixed2moving))
     s0, s1, s2 = grid.shape
     if interp == "linear":

@@ -146,7 +146,75 @@ class Volume:
         # (3,3) @ (3,N) is much faster than (N,3) @ (3,3) in NumPy for large N
         return (self.vox2ras[:3, :3] @ np.asarray(vox, dtype=np.float64).T).T + self.vox2ras[:3, 3]
 
+    @classmethod
+    def from_nibabel(cls, img, *, volume="mean") -> "Volume":
+        """A nibabel image (NIfTI or any spatial image) as a Volume, with the checks of a file read.
+
+        Parameters
+        ----------
+        img : nibabel SpatialImage, 3D or 4D
+        volume : {'mean', 'median'} or int
+            How a 4D series is reduced to one volume.
+
+        Raises
+        ------
+        InputError
+            Not 3D/4D, singular or non-finite voxel-to-world matrix, constant or all-NaN data.
+        """
+        from .io import volume_from_nibabel
+
+        return volume_from_nibabel(img, volume=volume)
+
+    def to_nibabel(self):
+        """This volume as a ``nibabel.Nifti1Image`` (float32; sform and qform = ``vox2ras``, code 1)."""
+        import nibabel as nib
+
+        img = nib.Nifti1Image(self.data, self.vox2ras)
+        img.set_sform(self.vox2ras, code=1)
+        img.set_qform(self.vox2ras, code=1)
+        return img
+
     def with_data(self, data: np.ndarray, vox2ras: np.ndarray | None = None, note: str | None = None) -> "Volume":
         """A new volume with other data (and optionally another grid) and the same name."""
         return Volume(data, self.vox2ras if vox2ras is None else vox2ras, self.name,
                       self.note if note is None else note)
+
+
+#: What the public functions accept as an image (the TypeError for anything else lists them).
+ACCEPTED_IMAGES = "a regkl Volume, a nibabel image, or a path to an image file"
+
+
+def as_volume(image, *, what: str = "image", volume="mean", allow_constant: bool = False) -> Volume:
+    """A :class:`Volume` from a Volume, a nibabel image or a path (str or os.PathLike).
+
+    Parameters
+    ----------
+    image : Volume, nibabel SpatialImage, str or os.PathLike
+    what : str
+        The argument's name, for the TypeError.
+    volume : {'mean', 'median'} or int
+        How a 4D image or file is reduced (a Volume is returned as it is).
+    allow_constant : bool
+        Accept an image with a single value (masks).
+
+    Raises
+    ------
+    TypeError
+        Anything else (a bare array has no world coordinates: wrap it in ``Volume(data, vox2ras)``).
+    InputError
+        The image is unreadable or unusable (see :func:`regkl.io.load_volume`).
+    """
+    import os
+
+    if isinstance(image, Volume):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        from .io import load_volume
+
+        return load_volume(image, volume=volume, allow_constant=allow_constant)
+    if hasattr(image, "affine") and hasattr(image, "dataobj"):
+        from .io import volume_from_nibabel
+
+        return volume_from_nibabel(image, volume=volume, allow_constant=allow_constant)
+    hint = " (an array has no world coordinates: wrap it in Volume(data, vox2ras))" if hasattr(image, "shape") else ""
+    raise TypeError(f"{what} must be {ACCEPTED_IMAGES}, not {type(image).__name__}{hint}")

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from regkl.errors import InputError
 from regkl.io import load_series, load_volume
-from regkl.xfm import LINEAR_ITK_TYPES, load_transform
+from regkl.itk_files import LINEAR_ITK_TYPES
+from regkl.xfm import load_transform
 
 # --------------------------------------------------------------------------------------------------
 # NIfTI files

@@ -385,7 +385,7 @@ def test_bad_image_other_commands(command, good, tmp_path, out, capfd):
     """The same reader serves every command: one representative bad input each."""
     bad = write(tmp_path / "bad" / "cut.nii", nifti_bytes(_B)[:5000])
     tfm = tmp_path / "identity.txt"
-    tfm.write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    tfm.write_text("# regkl transform: 4x4 matrix, RAS+ millimetres\n1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
     argv = {"stats": ["stats", bad], "metric": ["metric", bad, good[1]],
             "apply": ["apply", tfm, bad, good[1], "-o", out / "a.nii.gz", "-q"],
             "profile": ["profile", bad, good[1], "-o", out / "p.png", "-q"]}[command]
@@ -695,7 +695,7 @@ def test_output_equal_to_input_is_refused(case, good, tmp_path, out, capfd):
     name, command, option, which = case
     moving, fixed = good
     tfm = tmp_path / "identity.txt"
-    tfm.write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    tfm.write_text("# regkl transform: 4x4 matrix, RAS+ millimetres\n1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
     if which == "symlink":
         target = tmp_path / "link.nii.gz"
         target.symlink_to(fixed)

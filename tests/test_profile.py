@@ -41,7 +41,6 @@ def curves(doc):
 
 
 def test_profile_peaks_at_the_true_pose(truth, tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="matplotlib not installed (regkl[qc])")
     png = tmp_path / "profile.png"
     code, out, err = run(["profile", BOLD, T1, "--transform", TRUTH, "-o", png, "--json", *ARGS], capsys)
     assert code == 0 and err == "", err

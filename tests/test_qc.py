@@ -13,7 +13,6 @@ def run(argv, capsys):
 
 
 def test_register_qc_and_qc_command(tmp_path, capsys, real_pair_paths):
-    pytest.importorskip("matplotlib", reason="matplotlib not installed (regkl[qc])")
     moving, fixed = real_pair_paths
     png, out = tmp_path / "qc.png", tmp_path / "out.nii.gz"
     code, _, err = run(["register", moving, fixed, "-o", out, "--qc", png, "-q"], capsys)

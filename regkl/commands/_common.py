@@ -13,7 +13,65 @@ def log(quiet):
 
 
 def volume_option(value):
-    return int(value) if value.lstrip("-").isdigit() else value
+    """--moving-volume: 'mean', 'median' or a 0-based volume index (checked before any image is read)."""
+    if value.isdigit():
+        return int(value)
+    if value in ("mean", "median"):
+        return value
+    raise click.BadParameter(f"expected mean, median or a volume index N >= 0, got {value!r}",
+                             param_hint="--moving-volume")
+
+
+class RegistryChoice(click.Choice):
+    """A choice among a registry's names, checked when the command line is parsed (before any image
+    is read); the message names what was given and lists the valid names.
+
+    The registry (``module.attribute``, a dict) is imported on first use, so defining the commands
+    does not import it: the command line starts fast.
+    """
+
+    def __init__(self, module, attribute, what):  # noqa: D107 - click.Choice's choices come from the registry
+        self._registry = (module, attribute)
+        self.what = what
+        self.case_sensitive = True
+
+    @property
+    def choices(self):
+        import importlib
+
+        module, attribute = self._registry
+        return tuple(getattr(importlib.import_module(module), attribute))
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        self.fail(f"unknown {self.what} {value!r}; choose one of {', '.join(self.choices)}", param, ctx)
+
+
+def format_option(*names, help_text, dest="fmt"):
+    """A transform-format option: a choice of :data:`regkl.xfm.FORMATS` (default: told by the file)."""
+    return click.option(*names, dest, type=RegistryChoice("regkl.xfm", "FORMATS", "transform format"), default=None,
+                        help=help_text)
+
+
+def metric_names(value, param_hint="--metric"):
+    """Names of a comma-separated --metric value, each checked against the metric registry."""
+    from ..metrics import METRICS
+
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    bad = [n for n in names if n not in METRICS]
+    if not names or bad:
+        raise click.BadParameter(f"unknown metric {', '.join(map(repr, bad)) or '(none given)'}; choose one of "
+                                 f"{', '.join(METRICS)}", param_hint=param_hint)
+    return names
+
+
+def model_choice():
+    return RegistryChoice("regkl.transforms", "MODELS", "model")
+
+
+def metric_choice():
+    return RegistryChoice("regkl.metrics", "METRICS", "metric")
 
 
 def set_threads(threads):

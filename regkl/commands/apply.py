@@ -8,7 +8,7 @@ import time
 import click
 import numpy as np
 
-from ._common import check_output, log
+from ._common import check_output, format_option, log
 
 
 @click.command("apply")
@@ -20,14 +20,17 @@ from ._common import check_output, log
               help="Interpolation; nearest keeps the values and data type (label maps).")
 @click.option("--inverse", is_flag=True, help="Apply the transform the other way (fixed-space image onto a "
               "moving-space grid).")
+@format_option("--format", "--transform-format", help_text="Format of TRANSFORM when its content and suffix do not "
+               "say (a bare 4x4 matrix: fsl or ras). FSL: REFERENCE is FLIRT's -ref, MOVING its -in.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def apply_cmd(transform, moving, reference, output, interp, inverse, as_json, quiet, debug):
+def apply_cmd(transform, moving, reference, output, interp, inverse, fmt, as_json, quiet, debug):
     """Apply a saved TRANSFORM to MOVING (3D or a whole 4D series), on REFERENCE's grid.
 
-    TRANSFORM is a regkl or any linear ITK transform (.tfm/.txt/.mat) or a RAS 4x4 text matrix,
-    fixed->moving as `regkl register` writes it; REFERENCE is normally the fixed image.
+    TRANSFORM is fixed->moving as `regkl register` writes it: regkl's RAS matrix, any linear ITK
+    transform (.tfm/.txt/.mat/.h5), FSL FLIRT (--format fsl), AFNI .aff12.1D or FreeSurfer .lta;
+    REFERENCE is normally the fixed image.
 
     \b
     Examples:
@@ -36,14 +39,16 @@ def apply_cmd(transform, moving, reference, output, interp, inverse, as_json, qu
     """
     from ..io import load_series, load_volume, save_array
     from ..resample import apply_to_series
-    from ..xfm import load_transform
+    from ..xfm import read_transform
 
     t0 = time.perf_counter()
     say = log(quiet)
     check_output(output, (moving, reference, transform))
-    matrix = load_transform(transform)
+    transform_file = read_transform(transform, fmt)
     volumes, header = load_series(moving)
     ref = load_volume(reference, volume=0, allow_constant=True)
+    # FSL/AFNI matrices relate the two grids: REFERENCE is the fixed one (the moving one with --inverse)
+    matrix = transform_file.fixed2moving(*((volumes[0], ref) if inverse else (ref, volumes[0])))
     out = apply_to_series(volumes, ref, matrix, interp=interp, inverse=inverse)
     dtype = volumes[0].data.dtype if interp != "nearest" else _stored_dtype(header, volumes[0].data.dtype)
     zooms_t = float(header.get_zooms()[3]) if header is not None and len(header.get_zooms()) > 3 else None
@@ -51,7 +56,8 @@ def apply_cmd(transform, moving, reference, output, interp, inverse, as_json, qu
                dtype=np.float32 if interp != "nearest" else dtype, zooms_t=zooms_t)
     say(f"{len(volumes)} volume(s) resampled on {reference} in {time.perf_counter() - t0:.2f} s")
     if as_json:
-        click.echo(json.dumps({"transform": transform, "moving": moving, "reference": reference, "output": output,
+        click.echo(json.dumps({"transform": transform, "transform_format": transform_file.format, "moving": moving,
+                               "reference": reference, "output": output,
                                "volumes": len(volumes), "interp": interp, "inverse": inverse,
                                "seconds": round(time.perf_counter() - t0, 4)}))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ._common import check_output, load_prior, log, volume_option
+from ._common import check_output, load_prior, log, metric_choice, model_choice, volume_option
 
 
 class _Progress:
@@ -55,8 +55,9 @@ class _Progress:
               help="Parallel processes [default: one per core, each with cores/jobs Numba threads].")
 @click.option("--dask-scheduler", help="Run on an existing Dask cluster (address, e.g. tcp://host:8786).")
 @click.option("--force", is_flag=True, help="Redo pairs whose outputs are already complete.")
-@click.option("--model", default="rigid", show_default=True, help="As for register.")
-@click.option("--metric", default="mi", show_default=True, help="As for register (kl needs --prior).")
+@click.option("--model", default="rigid", show_default=True, type=model_choice(), help="As for register.")
+@click.option("--metric", default="mi", show_default=True, type=metric_choice(),
+              help="As for register (kl needs --prior).")
 @click.option("--prior", type=click.Path(dir_okay=False), help="Prior for --metric kl.")
 @click.option("--bins", default=24, show_default=True, type=int)
 @click.option("--sampling", default=0.5, show_default=True, type=float)

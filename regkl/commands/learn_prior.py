@@ -7,7 +7,7 @@ import json
 import click
 
 from .. import __version__
-from ._common import check_output, log, volume_option
+from ._common import check_output, format_option, log, volume_option
 
 
 @click.command("learn-prior")
@@ -15,14 +15,16 @@ from ._common import check_output, log, volume_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Prior file (.npz).")
 @click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins (use the same to register).")
 @click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
+@format_option("--transform-format", help_text="Format of the pairs' TRANSFORM files when their content and suffix "
+               "do not say (a bare 4x4 matrix: fsl or ras).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def learn_prior_cmd(pairs, output, bins, moving_volume, as_json, quiet, debug):
+def learn_prior_cmd(pairs, output, bins, moving_volume, fmt, as_json, quiet, debug):
     """Learn the expected joint histogram of ALIGNED pairs, for --metric kl.
 
-    Each PAIR is MOVING,FIXED (the headers already align them) or MOVING,FIXED,TRANSFORM (an ITK
-    or RAS transform file that aligns them, fixed->moving, e.g. from regkl register).
+    Each PAIR is MOVING,FIXED (the headers already align them) or MOVING,FIXED,TRANSFORM (a
+    transform file that aligns them, fixed->moving, any format `regkl apply` reads).
 
     \b
     Example:
@@ -33,17 +35,21 @@ def learn_prior_cmd(pairs, output, bins, moving_volume, as_json, quiet, debug):
     from ..io import load_volume
     from ..metrics import save_prior
     from ..optimize import learn_prior
-    from ..xfm import load_transform
+    from ..xfm import read_transform
 
     say = log(quiet)
+    volume = volume_option(moving_volume)
     check_output(output, [q for p in pairs for q in p.split(",") if q])
-    loaded = []
-    for pair in pairs:
-        parts = pair.split(",")
+    split = [pair.split(",") for pair in pairs]
+    for pair, parts in zip(pairs, split):
         if len(parts) not in (2, 3):
             raise InputError(f"a pair is MOVING,FIXED or MOVING,FIXED,TRANSFORM, got {pair!r}")
-        moving, fixed = load_volume(parts[0], volume=volume_option(moving_volume)), load_volume(parts[1])
-        loaded.append((moving, fixed, load_transform(parts[2]) if len(parts) == 3 else None))
+    transforms = [read_transform(parts[2], fmt, option="--transform-format") if len(parts) == 3 else None
+                  for parts in split]  # every transform file checked before any image is read
+    loaded = []
+    for parts, transform_file in zip(split, transforms):
+        moving, fixed = load_volume(parts[0], volume=volume), load_volume(parts[1])
+        loaded.append((moving, fixed, None if transform_file is None else transform_file.fixed2moving(fixed, moving)))
         say(f"pair {len(loaded)}: {parts[0]} -> {parts[1]}")
     prior = learn_prior(loaded, bins=bins)
     meta = {"pairs": list(pairs), "regkl_version": __version__}

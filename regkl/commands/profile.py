@@ -8,7 +8,7 @@ import os
 import click
 import numpy as np
 
-from ._common import check_output, load_prior, log, volume_option
+from ._common import check_output, format_option, load_prior, log, metric_choice, volume_option
 
 
 @click.command("profile")
@@ -16,10 +16,12 @@ from ._common import check_output, load_prior, log, volume_option
 @click.argument("fixed", type=click.Path(dir_okay=True))
 @click.option("--transform", type=click.Path(dir_okay=False), help="Pose to profile (fixed->moving; ITK or RAS "
               "file, e.g. from register --transform-out) [default: the headers as they are].")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="PNG with the six curves (needs regkl[qc]).")
-@click.option("--metric", default="mi", show_default=True, help="As for register (kl needs --prior).")
+@format_option("--transform-format", help_text="Format of --transform when its content and suffix do not say.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="PNG with the six curves.")
+@click.option("--metric", default="mi", show_default=True, type=metric_choice(),
+              help="As for register (kl needs --prior).")
 @click.option("--prior", type=click.Path(dir_okay=False), help="Prior for --metric kl.")
-@click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins.")
+@click.option("--bins", default=24, show_default=True, type=click.IntRange(8, 512), help="Histogram bins.")
 @click.option("--sampling", default=1.0, show_default=True, type=float,
               help="Fraction of the finest level's fixed grid points used.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the point sampling.")
@@ -33,7 +35,7 @@ from ._common import check_output, load_prior, log, volume_option
 @click.option("--json", "as_json", is_flag=True, help="Print the curves as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def profile_cmd(moving, fixed, transform, output, metric, prior, bins, sampling, seed, range_deg, range_mm, steps,
+def profile_cmd(moving, fixed, transform, fmt, output, metric, prior, bins, sampling, seed, range_deg, range_mm, steps,
                 fixed_mask, moving_mask, auto_mask, moving_volume, as_json, quiet, debug):
     """The metric along each rigid parameter around a pose: a picture of the cost landscape.
 
@@ -48,7 +50,7 @@ def profile_cmd(moving, fixed, transform, output, metric, prior, bins, sampling,
     """
     from ..io import load_volume
     from ..landscape import PARAMETERS, check_settings, plot_profile, profile_metric
-    from ..xfm import load_transform
+    from ..xfm import read_transform
 
     say = log(quiet)
     check_settings(range_deg, range_mm, steps)
@@ -57,13 +59,13 @@ def profile_cmd(moving, fixed, transform, output, metric, prior, bins, sampling,
     prior_table = load_prior(metric, prior, bins)
     inputs = tuple(p for p in (moving, fixed, transform, fixed_mask, moving_mask, prior) if p)
     check_output(output, inputs)
-    if output:
-        from ..qc import _require_matplotlib
-
-        _require_matplotlib()
-    pose = np.eye(4) if transform is None else load_transform(transform)
+    volume = volume_option(moving_volume)
+    if fmt is not None and transform is None:
+        raise click.UsageError("--transform-format needs --transform")
+    transform_file = None if transform is None else read_transform(transform, fmt, option="--transform-format")
     fixed_vol = load_volume(fixed, volume="mean")
-    moving_vol = load_volume(moving, volume=volume_option(moving_volume))
+    moving_vol = load_volume(moving, volume=volume)
+    pose = np.eye(4) if transform_file is None else transform_file.fixed2moving(fixed_vol, moving_vol)
     fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask, allow_constant=True)
     moving_mask_vol = None if moving_mask is None else load_volume(moving_mask, allow_constant=True)
     say(f"{6 * 2 * steps + 1} evaluations of {metric}")

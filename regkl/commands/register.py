@@ -12,7 +12,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import RegklError
-from ._common import check_output, load_prior, log, set_threads, volume_option, warm_kernels_in_background
+from ._common import (check_output, format_option, load_prior, log, metric_choice, model_choice, set_threads,
+                      volume_option, warm_kernels_in_background)
 
 
 EXAMPLES = """
@@ -36,27 +37,37 @@ Examples:
 @click.argument("fixed", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Moving image resampled on the fixed grid.")
 @click.option("--transform-out", type=click.Path(dir_okay=False),
-              help="ITK text transform (.tfm/.txt; LPS, fixed->moving) for SimpleITK/antsApplyTransforms.")
-@click.option("--matrix-out", type=click.Path(dir_okay=False), help="4x4 RAS+ fixed->moving matrix (text).")
+              help="The transform, in the format its suffix names: .tfm/.txt (ITK text), .h5 (ITK), .lta "
+                   "(FreeSurfer), .aff12.1D (AFNI); .mat needs --transform-format itk or fsl.")
+@format_option("--transform-format", help_text="Format of --transform-out: itk, fsl (FLIRT: input = MOVING, "
+               "reference = FIXED), afni, lta or ras [default: from the suffix].")
+@click.option("--matrix-out", type=click.Path(dir_okay=False), help="4x4 RAS+ fixed->moving matrix (regkl's "
+              "text with its convention in '#' lines; .txt).")
+@click.option("--init-transform", type=click.Path(dir_okay=False), help="Start from this transform (fixed->moving, "
+              "any format --transform-out writes, e.g. FLIRT -init or ANTs --initial-moving-transform); the "
+              "global search is then off unless --search is given.")
+@format_option("--init-format", dest="init_fmt", help_text="Format of --init-transform when its content and "
+               "suffix do not say (a bare 4x4 matrix: fsl or ras).")
 @click.option("--qc", "qc_out", type=click.Path(dir_okay=False), help="QC picture (PNG): edges, reverse edges, "
-              "checkerboard in three views (needs regkl[qc]).")
-@click.option("--model", default="rigid", show_default=True,
+              "checkerboard in three views.")
+@click.option("--model", default="rigid", show_default=True, type=model_choice(),
               help="Transform model: translation, rigid, similarity (rigid + scale), affine; similarity and "
                    "affine run a rigid stage first.")
-@click.option("--metric", default="mi", show_default=True,
+@click.option("--metric", default="mi", show_default=True, type=metric_choice(),
               help="Similarity metric: mi (mutual information), nmi (normalised MI), cr (correlation ratio), "
                    "jsd (Jensen-Shannon), kl (KL divergence to a learned prior; needs --prior).")
 @click.option("--prior", type=click.Path(dir_okay=False), help="Prior joint histogram for --metric kl "
               "(from regkl learn-prior).")
-@click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins.")
-@click.option("--sampling", default=0.5, show_default=True, type=float,
+@click.option("--bins", default=24, show_default=True, type=click.IntRange(8, 512), help="Histogram bins.")
+@click.option("--sampling", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
               help="Fraction of fixed grid points used at each level (regular grid, seeded jitter).")
-@click.option("--levels", type=int, default=None, help="Pyramid levels [default: from voxel sizes].")
-@click.option("--init", "init", type=click.Choice(["com", "geometry", "header"]), default="com",
-              show_default=True, help="Start: align centres of mass, grid centres, or trust the headers.")
-@click.option("--search", type=click.Choice(["none", "auto", "full"]), default="auto", show_default=True,
+@click.option("--levels", type=click.IntRange(1, 6), default=None, help="Pyramid levels [default: from voxel sizes].")
+@click.option("--init", "init", type=click.Choice(["com", "geometry", "header"]), default=None,
+              help="Start: align centres of mass, grid centres, or trust the headers [default: com].")
+@click.option("--search", type=click.Choice(["none", "auto", "full"]), default=None,
               help="Global rotation/translation search at the coarsest level (rotations up to 90 degrees); "
-                   "auto keeps the start unless a searched pose is clearly better.")
+                   "auto keeps the start unless a searched pose is clearly better [default: auto; none "
+                   "with --init-transform].")
 @click.option("--fixed-mask", type=click.Path(dir_okay=False), help="Only fixed-image points inside this mask "
               "(any grid) count.")
 @click.option("--moving-mask", type=click.Path(dir_okay=False), help="Only points mapping inside this mask "
@@ -79,66 +90,82 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, metric, prior, bins, sampling, levels, init,
-             search, fixed_mask, moving_mask, auto_mask, moving_volume, interp, seed, max_iter, max_seconds, threads,
-             confidence, fail_on_suspect, as_json, quiet, debug):
+def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transform, init_fmt, qc_out, model, metric,
+             prior, bins, sampling, levels, init, search, fixed_mask, moving_mask, auto_mask, moving_volume, interp,
+             seed, max_iter, max_seconds, threads, confidence, fail_on_suspect, as_json, quiet, debug):
     """Register MOVING (e.g. an EPI, 3D or 4D) to FIXED (e.g. a T1).
 
-    Writes the moving image resampled on the fixed grid (-o), the transform as an ITK file
-    (--transform-out) and/or a RAS matrix (--matrix-out). Without --json, the 4x4 RAS
+    Writes the moving image resampled on the fixed grid (-o), the transform (--transform-out: ITK,
+    FSL, AFNI or LTA) and/or regkl's RAS matrix (--matrix-out). Without --json, the 4x4 RAS
     fixed->moving matrix is printed on stdout.
     """
     from ..io import load_volume, save_volume
     from ..optimize import register as run_register
     from ..resample import resample
-    from ..xfm import save_transform, transform_text
+    from ..xfm import output_format, read_transform, save_transform, transform_text
 
     t0 = time.perf_counter()
     say = log(quiet)
     set_threads(threads)
     if as_json and "-" in (transform_out, matrix_out):
         raise RegklError("--json and a '-' (stdout) transform output cannot share stdout")
+    if init is not None and init_transform is not None:
+        raise click.UsageError("--init and --init-transform both set the start; give one")
+    if init_fmt is not None and init_transform is None:
+        raise click.UsageError("--init-format needs --init-transform")
+    if fmt is not None and transform_out is None:
+        raise click.UsageError("--transform-format needs --transform-out")
+    search = search or ("none" if init_transform else "auto")
+    volume = volume_option(moving_volume)
     prior_table = load_prior(metric, prior, bins)
-    inputs = tuple(p for p in (moving, fixed, fixed_mask, moving_mask, prior) if p)
+    inputs = tuple(p for p in (moving, fixed, fixed_mask, moving_mask, prior, init_transform) if p)
     for out in (output, transform_out, matrix_out, qc_out):
         check_output(out, inputs)
+    transform_fmt = output_format(transform_out, fmt) if transform_out else None
+    if matrix_out:
+        output_format(matrix_out, "ras", option="--matrix-out")
+    start = None if init_transform is None else read_transform(init_transform, init_fmt, option="--init-format")
     warm = warm_kernels_in_background()
     fixed_vol = load_volume(fixed, volume="mean")
-    moving_vol = load_volume(moving, volume=volume_option(moving_volume))
+    moving_vol = load_volume(moving, volume=volume)
     fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask, allow_constant=True)
     moving_mask_vol = None if moving_mask is None else load_volume(moving_mask, allow_constant=True)
     warm.join()
     if moving_vol.note:
         say(f"moving reference: {moving_vol.note}")
+    init_matrix = None if start is None else start.fixed2moving(fixed_vol, moving_vol)
     result = run_register(moving_vol, fixed_vol, model=model, metric=metric, prior=prior_table, bins=bins,
-                          sampling=sampling, levels=levels, init=init, search=search, fixed_mask=fixed_mask_vol,
+                          sampling=sampling, levels=levels, init=init or "com", init_fixed2moving=init_matrix,
+                          search=search, fixed_mask=fixed_mask_vol,
                           moving_mask=moving_mask_vol, auto_mask=auto_mask, seed=seed, max_iter=max_iter,
                           max_seconds=max_seconds, confidence=confidence or fail_on_suspect, log=say)
     from ..io import output_group
 
     printed = False
     with output_group():  # all outputs or none
-        for path, fmt in ((transform_out, "itk"), (matrix_out, "ras")):
+        for path, path_fmt in ((transform_out, transform_fmt), (matrix_out, "ras")):
             if path == "-":
                 printed = True
             elif path:
-                save_transform(path, result.fixed2moving, fmt, protect=inputs)
+                save_transform(path, result.fixed2moving, path_fmt, fixed=fixed_vol, moving=moving_vol,
+                               protect=inputs)
         if output or qc_out:
             registered = resample(moving_vol, fixed_vol, result.fixed2moving, interp=interp)
         if output:
             save_volume(registered, output, like=fixed_vol, protect=inputs)
         if qc_out:
             _write_qc(fixed_vol, registered, qc_out, moving, fixed, metric, result)
-    for path, fmt in ((transform_out, "itk"), (matrix_out, "ras")):
+    for path, path_fmt in ((transform_out, transform_fmt), (matrix_out, "ras")):
         if path == "-":
-            click.echo(transform_text(result.fixed2moving, fmt), nl=False)
+            click.echo(transform_text(result.fixed2moving, path_fmt, fixed=fixed_vol, moving=moving_vol), nl=False)
     elapsed = time.perf_counter() - t0
     say(f"{metric} {result.metric_before:.4f} -> {result.metric_after:.4f} in {elapsed:.2f} s")
     if as_json:
         if printed:
             raise RegklError("--json and a '-' (stdout) transform output cannot share stdout")
-        click.echo(json.dumps(summary(result, moving_vol, fixed_vol, output, transform_out, matrix_out,
-                                      elapsed), indent=2))
+        click.echo(json.dumps({**summary(result, moving_vol, fixed_vol, output, transform_out, matrix_out, elapsed),
+                               "transform_format": transform_fmt, "init_transform": init_transform},
+                              indent=2))
     elif not printed:
         for row in result.fixed2moving:
             click.echo(" ".join(f"{v: .8f}" for v in row))
