@@ -8,6 +8,7 @@ run: they are compared with those fields removed; every other file must be byte-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -168,7 +169,7 @@ def test_collision_is_refused_before_any_work(tmp_path, tiny):
 # the results folder is never an input, never left
 
 
-def test_results_folder_is_never_searched_nor_left(tmp_path, tiny):
+def test_results_folder_is_never_searched_nor_left(tmp_path, tiny, capfd):
     study = tmp_path / "study"
     (study / "a").mkdir(parents=True)
     shutil.copy(tiny / "bold.nii.gz", study / "a" / "rest.nii.gz")
@@ -188,16 +189,27 @@ def test_results_folder_is_never_searched_nor_left(tmp_path, tiny):
                         (("--out-dir", study), "must not be the dataset folder")):
         opts = dict(zip(("--moving-glob", "--fixed-glob", "--out-dir"), ("a/*", "T1.nii.gz", other)))
         opts.update(dict([bad]))
-        proc = regkl("batch", study, *[x for kv in opts.items() for x in kv], "--search", "none")
-        assert proc.returncode == 2 and phrase in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+        code, err = in_process(["batch", study, *[x for kv in opts.items() for x in kv]], capfd)
+        assert code == 2 and phrase in err and len(err.splitlines()) == 1, err
     assert list(other.iterdir()) == []
     xfm = next(out.rglob("*_xfm.txt"))
     before = {p: p.read_bytes() for p in (xfm, out / "logs" / "regkl_summary.json", next(out.rglob("*_xfm.json")),
                                           study / "T1.nii.gz")}
     for target in [*before, tmp_path / "report.txt"]:
-        proc = regkl(*args[:-2], "--report", target)
-        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, (target, proc.stderr)
+        code, err = in_process([*args[:-2], "--report", target], capfd)
+        assert code == 2 and len(err.splitlines()) == 1, (target, err)
+        code, err = in_process(["report", out, "-o", target], capfd)
+        assert code == 2 and len(err.splitlines()) == 1, (target, err)
     assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def in_process(argv, capfd):
+    """Exit code and stderr of ``regkl ARGV`` run in this process (for checks that stop before work)."""
+    from regkl.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    return info.value.code, capfd.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,16 +232,22 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(reference, tmp_p
     root = copy_raw(reference, tmp_path / "ds")
     out = root / "derivatives" / "regkl"
     rng = random.Random(1207)
-    for _ in range(3):
-        proc = start("batch", root, *OPTS)
-        time.sleep(rng.uniform(0.2, 0.8) * reference[2])
-        os.killpg(proc.pid, signal.SIGKILL)  # the batch and its workers, wherever they are
+    done = [0]
+    for _ in range(2):  # each run (one pair at a time) is killed a random time after it has finished a pair
+        proc = start("batch", root, "--search", "none", "--jobs", "1", "-q")
+        deadline = time.time() + 120
+        while len(list(out.rglob("*_xfm.json"))) == done[-1] and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.15) * reference[2])
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the batch and its workers, wherever they are
         proc.wait()
-    done = len(list(out.rglob("*_xfm.json")))
+        done.append(len(list(out.rglob("*_xfm.json"))))
+    assert 0 < done[-1] < 4, f"the kills did not land inside the batch ({done} pairs done): the test proves nothing"
     final = regkl("batch", root, *OPTS[:-1], "--json")
     assert final.returncode == 0, final.stderr
     rows = json.loads(final.stdout)
-    assert sum(r["status"] == "skipped" for r in rows) == done and len(rows) == 4
+    assert sum(r["status"] == "skipped" for r in rows) == done[-1] and len(rows) == 4
     assert results(out) == reference[1]
     assert [p for p in out.rglob(".*") if ".tmp" in p.name] == []
 
@@ -250,24 +268,27 @@ def test_copied_dataset_is_judged_by_its_own_files(reference, tmp_path):
     assert results(out) == reference[1] and results(reference[0] / "derivatives" / "regkl") == original
 
 
-def test_changed_option_or_input_means_redo(reference, tmp_path, tiny):
+def test_changed_input_or_option_means_redo(reference, tmp_path, tiny):
     root = tmp_path / "ds"
     shutil.copytree(reference[0], root, ignore=shutil.ignore_patterns("sub-02"))  # 2 pairs, results copied
     out = root / "derivatives" / "regkl"
-    affine = regkl("batch", root, *OPTS[:-1], "--model", "affine", "--json")
-    assert affine.returncode == 0, affine.stderr
-    assert [r["status"] for r in json.loads(affine.stdout)] == ["ok", "ok"]
-    assert affine.stderr.count("--model was rigid, now affine") == 2
-    record = json.loads(next(out.glob("sub-01/func/*run-1*_xfm.json")).read_text())["Regkl"]
-    assert record["options"]["model"] == "affine"
-
-    run1 = root / "sub-01/func/sub-01_task-rest_run-1_bold.nii.gz"
+    run1, run2 = (root / f"sub-01/func/sub-01_task-rest_run-{r}_bold.nii.gz" for r in "12")
+    xfm1, xfm2 = (next(out.glob(f"sub-01/func/*run-{r}*_xfm.txt")) for r in "12")
+    old2 = xfm2.read_bytes()
     os.utime(run1)  # a new time, the same content: still complete
-    shutil.copy(tiny / "other.nii.gz", root / "sub-01/func/sub-01_task-rest_run-2_bold.nii.gz")  # another image
-    again = regkl("batch", root, *OPTS[:-1], "--model", "affine", "--json")
+    shutil.copy(tiny / "other.nii.gz", run2)  # another image under the same name: redo
+    again = regkl("batch", root, *OPTS[:-1], "--json")
     assert again.returncode == 0, again.stderr
     assert [r["status"] for r in json.loads(again.stdout)] == ["skipped", "ok"]
-    assert "the moving image sub-01/func/sub-01_task-rest_run-2_bold.nii.gz changed" in again.stderr
-    assert "run-1" not in again.stderr
-    xfms = sorted(out.glob("sub-01/func/*_xfm.txt"))
-    assert xfms[0].read_bytes() != xfms[1].read_bytes()  # run 2 was registered again, from the new image
+    assert "redo sub-01/func/sub-01_task-rest_run-2_bold.nii.gz: the moving image" in again.stderr
+    assert "changed since it was registered" in again.stderr and "run-1" not in again.stderr
+    assert xfm2.read_bytes() != old2  # registered again, from the new image
+
+    run2.unlink()
+    affine = regkl("batch", root, *OPTS[:-1], "--model", "affine", "--json")
+    assert affine.returncode == 0, affine.stderr
+    assert [r["status"] for r in json.loads(affine.stdout)] == ["ok"]
+    assert "redo sub-01/func/sub-01_task-rest_run-1_bold.nii.gz: options changed: --model was rigid, now affine" \
+        in affine.stderr
+    record = json.loads(xfm1.with_suffix(".json").read_text())["Regkl"]
+    assert record["options"]["model"] == "affine" and record["summary"]["status"] == "ok"
