@@ -367,7 +367,7 @@ def _summary_file(folder: Path) -> Path:
 
 def load_summary(path) -> tuple:
     """Rows of a batch summary, given the summary JSON or the results folder holding it
-    (``logs/regkl_summary.json``, or ``regkl_summary.json`` of batches before 0.2).
+    (``logs/regkl_summary.json``, or the ``regkl_summary.json`` list that earlier versions wrote at its top).
 
     Returns
     -------

@@ -292,3 +292,29 @@ def test_changed_input_or_option_means_redo(reference, tmp_path, tiny):
         in affine.stderr
     record = json.loads(xfm1.with_suffix(".json").read_text())["Regkl"]
     assert record["options"]["model"] == "affine" and record["summary"]["status"] == "ok"
+
+
+# --------------------------------------------------------------------------------------------------
+# the report of a moved dataset
+
+
+def test_report_after_mv_shows_every_picture_in_chromium(reference, tmp_path, capfd):
+    from .test_report import find_chromium, probe_in_browser
+
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no chromium binary found (Debian: apt-get install chromium, or set REGKL_CHROMIUM)")
+    first = tmp_path / "first"
+    subprocess.run(["cp", "-r", str(reference[0]), str(first)], check=True)
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    subprocess.run(["mv", str(first), str(moved)], check=True)
+    page = tmp_path / "after_mv.html"
+    code, err = in_process(["report", moved / "derivatives" / "regkl", "-o", page], capfd)
+    assert code == 0, err
+    seen, _ = probe_in_browser(exe, page, tmp_path)
+    assert seen["problems"] == [] and seen["rows"] == 4
+    assert len(seen["images"]) == 4 and all(i["ok"] and i["data"] and i["width"] >= 100 for i in seen["images"])
+    assert sorted(i["row"] for i in seen["images"]) == sorted(
+        f"sub-{s}_task-rest_run-{r}_bold.nii.gz" for s in ("01", "02") for r in ("1", "2"))
+    assert str(moved) in page.read_text() and str(reference[0]) not in page.read_text()

@@ -65,8 +65,8 @@ class _Progress:
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--report", "report_out", type=click.Path(dir_okay=False),
-              help="HTML report of every pair (QC pictures, confidence, errors; worst first) "
-                   "[default: regkl_report.html in the results folder].")
+              help="HTML report of every pair (QC pictures, confidence, errors; worst first); an .html "
+                   "name [default: regkl_report.html in the results folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -76,10 +76,13 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
 
     BIDS: sub-*/[ses-*/]func/*_bold.nii[.gz] (and --suffixes) onto the same subject's
     anat/*_T1w.nii[.gz], preferring the same session. Results go to ROOT/derivatives/regkl with
-    BIDS-derivative names (..._space-T1w_desc-coreg_bold.nii.gz, ..._from-bold_to-T1w_mode-image_xfm.txt),
-    plus regkl_summary.tsv and .json and an HTML report (regkl_report.html: every pair with a QC
-    picture, worst first). Pairs already complete are skipped (resumable; --force redoes them); a
-    failing pair never stops the others. Exit code 1 if any pair failed.
+    fMRIPrep's BIDS-derivative names (..._space-T1w_boldref.nii.gz,
+    ..._from-boldref_to-T1w_mode-image_desc-coreg_xfm.txt and their JSON sidecars,
+    sub-*/figures/..._desc-coreg_bold.png), a summary in logs/regkl_summary.tsv and .json and an
+    HTML report (regkl_report.html: every pair with a QC picture, worst first). Pairs already
+    complete with the same options and inputs are skipped (resumable; --force redoes them); a
+    failing pair never stops the others; a second batch on the same results folder waits for the
+    first. Exit code 1 if any pair failed.
 
     \b
     Examples:
