@@ -235,7 +235,7 @@ def dataset_root(results_dir) -> Path:
     results_dir = Path(results_dir)
     try:
         link = json.loads((results_dir / "dataset_description.json").read_text(encoding="utf-8"))["DatasetLinks"]["raw"]
-        return results_dir / str(link)
+        return Path(os.path.normpath(results_dir / str(link)))
     except (OSError, ValueError, KeyError, TypeError):
         return results_dir
 

@@ -132,6 +132,9 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
         for stale in stale_temp_files(out):  # under the lock: their writer is gone
             stale.unlink()
         resume.write_description(out, rootp)
+        if (out / resume.OLD_SUMMARY).is_file():
+            say(f"note: {out / resume.OLD_SUMMARY} was written by an earlier regkl (the summary is now in logs/); "
+                "pybids cannot index the results folder while it is there: remove it")
         if not moving_glob:
             resume.write_bidsignore(out, ignore_patterns(suffix_list))
         todo, done_rows = [], {}
