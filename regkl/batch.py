@@ -22,9 +22,6 @@ from .errors import InputError
 #: EPI-like suffixes looked for in BIDS datasets, and the folders they live in.
 BIDS_MOVING = {"bold": "func", "sbref": "func", "dwi": "dwi", "epi": "fmap", "asl": "perf"}
 
-SUMMARY_COLUMNS = ("subject", "session", "moving", "fixed", "output", "transform", "status", "metric",
-                   "metric_before", "metric_after", "confidence", "suspect", "seconds", "error", "qc", "record")
-
 __all__ = ["Job", "discover_bids", "discover_glob", "check_jobs", "run_job", "run_local", "run_dask", "entities"]
 
 
@@ -207,7 +204,7 @@ def check_jobs(jobs) -> None:
             other = owner.setdefault(key, job)
             if other is not job:
                 raise InputError(f"{other.moving} and {job.moving} would both be written to {path}: rename or "
-                                 "remove one of them (or give each its own --out-dir)")
+                                 "remove one of them")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +246,7 @@ def run_job(job: Job, threads: int | None = None) -> dict:
 
         if not job.fixed_rel:
             raise InputError(f"no {FIXED_SUFFIX} image found for this subject", path=job.moving)
-        before = {"moving": resume.fingerprint(job.moving), "fixed": resume.fingerprint(job.fixed)}
+        before = {"moving": _input_fingerprint(job.moving), "fixed": _input_fingerprint(job.fixed)}
         opts = dict(job.options)
         moving_volume = opts.pop("moving_volume", "mean")
         interp = opts.pop("interp", "linear")
@@ -281,6 +278,18 @@ def run_job(job: Job, threads: int | None = None) -> dict:
             except OSError:
                 pass
         return _row(job, "failed", time.perf_counter() - t0, error=text)
+
+
+def _input_fingerprint(path) -> dict:
+    """The input's fingerprint, taken before it is read (a later change is then noticed)."""
+    from .io import check_input_path
+    from .resume import fingerprint
+
+    try:
+        return fingerprint(path)
+    except OSError:
+        check_input_path(path)  # the usual one-line message (missing, unreadable...)
+        raise
 
 
 def _write_json(path, data, protect):

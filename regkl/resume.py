@@ -29,6 +29,9 @@ from . import __version__
 from .bids import bids_uri
 
 LOCK_NAME = ".regkl.lock"
+#: Columns of the summary (logs/regkl_summary.tsv); the JSON summary has the same fields per pair.
+SUMMARY_COLUMNS = ("subject", "session", "moving", "fixed", "output", "transform", "status", "metric",
+                   "metric_before", "metric_after", "confidence", "suspect", "seconds", "error", "qc", "record")
 #: Where the summary goes, relative to the results folder (``regkl report`` also reads the old place).
 SUMMARY_NAME = "logs/regkl_summary"
 OLD_SUMMARY = "regkl_summary.json"
@@ -142,8 +145,6 @@ def is_complete(job) -> bool:
 
 def skipped_row(job, record: dict) -> dict:
     """Summary row of a complete pair (from its record), with status "skipped"."""
-    from .batch import SUMMARY_COLUMNS
-
     summary = record.get("summary") or {}
     row = {k: summary.get(k) for k in SUMMARY_COLUMNS}
     row["status"] = "skipped"
@@ -254,8 +255,6 @@ def write_summary(rows, out_dir, *, protect=()) -> tuple:
     pybids' ``BIDSLayout(..., derivatives=True)`` fail). Paths in the rows are relative: inputs to
     the dataset folder, outputs to the results folder.
     """
-    from .batch import SUMMARY_COLUMNS
-
     base = Path(out_dir) / SUMMARY_NAME
     base.parent.mkdir(parents=True, exist_ok=True)
     tsv, js = base.with_suffix(".tsv"), base.with_suffix(".json")

@@ -259,7 +259,7 @@ def test_copied_dataset_is_judged_by_its_own_files(reference, tmp_path):
     gone = next(out.glob("sub-02/func/*run-1*_xfm.txt"))
     gone.unlink()
     original = results(reference[0] / "derivatives" / "regkl")
-    proc = regkl("batch", copy, *OPTS[:-1], "--json", cwd=tmp_path)  # from another working folder
+    proc = regkl("batch", "copy", *OPTS[:-1], "--json", cwd=tmp_path)  # relative, from another working folder
     assert proc.returncode == 0, proc.stderr
     status = {r["moving"]: r["status"] for r in json.loads(proc.stdout)}
     assert status.pop("sub-02/func/sub-02_task-rest_run-1_bold.nii.gz") == "ok"

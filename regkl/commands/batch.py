@@ -68,7 +68,7 @@ class _Progress:
               help="HTML report of every pair (QC pictures, confidence, errors; worst first); an .html "
                    "name [default: regkl_report.html in the results folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (why a pair is redone is still said).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_scheduler, force, model, metric, prior,
               bins, sampling, search, auto_mask, moving_volume, interp, seed, report_out, as_json, quiet, debug):
@@ -144,8 +144,8 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
             if record is not None and record.get("status") == "ok" and reason is None:
                 done_rows[job.moving_rel] = resume.skipped_row(job, record)
                 continue
-            if reason:
-                say(f"redo {job.moving_rel}: {reason}")
+            if reason:  # not progress: said even with --quiet
+                click.echo(f"regkl: redo {job.moving_rel}: {reason}", err=True)
                 job.paths.record.unlink(missing_ok=True)  # its outputs no longer match: not complete
             todo.append(job)
         say(f"{len(jobs)} pairs, {len(done_rows)} already complete, {len(todo)} to run")
