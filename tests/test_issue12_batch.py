@@ -233,16 +233,24 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(reference, tmp_p
     out = root / "derivatives" / "regkl"
     rng = random.Random(1207)
     done = [0]
-    for _ in range(2):  # each run (one pair at a time) is killed a random time after it has finished a pair
-        proc = start("batch", root, "--search", "none", "--jobs", "1", "-q")
-        deadline = time.time() + 120
-        while len(list(out.rglob("*_xfm.json"))) == done[-1] and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.15) * reference[2])
+
+    def kill_one_run(when):
+        proc = start("batch", root, "--search", "none", "--jobs", "1", "-q")  # one pair at a time
+        when(proc)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the batch and its workers, wherever they are
         proc.wait()
         done.append(len(list(out.rglob("*_xfm.json"))))
+
+    def after_next_pair(proc):  # a random moment of the pair after the next one to finish
+        deadline = time.time() + 120
+        while len(list(out.rglob("*_xfm.json"))) == done[-1] and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))
+
+    kill_one_run(lambda proc: time.sleep(rng.uniform(0.3, 1.5)))  # start-up or first pair
+    while done[-1] < 2:
+        kill_one_run(after_next_pair)
     assert 0 < done[-1] < 4, f"the kills did not land inside the batch ({done} pairs done): the test proves nothing"
     final = regkl("batch", root, *OPTS[:-1], "--json")
     assert final.returncode == 0, final.stderr
