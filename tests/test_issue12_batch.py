@@ -27,7 +27,7 @@ from regkl.errors import InputError
 
 from .conftest import SAMPLE
 
-OPTS = ("--search", "none", "--jobs", "2", "-q")
+OPTS = ("--search", "none", "--jobs", "1", "-q")  # one process per batch: the cheapest run
 VOLATILE = {"seconds", "mtime_ns"}  # run and file times: the only fields allowed to differ
 
 
@@ -235,7 +235,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(reference, tmp_p
     done = [0]
 
     def kill_one_run(when):
-        proc = start("batch", root, "--search", "none", "--jobs", "1", "-q")  # one pair at a time
+        proc = start("batch", root, *OPTS)  # one pair at a time
         when(proc)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the batch and its workers, wherever they are
