@@ -175,6 +175,6 @@ def _check_report(path, protect):
     """The report must be an .html file that is none of the batch's inputs or results."""
     from ..errors import OutputError
 
+    check_output(path, protect)
     if Path(path).suffix.lower() not in (".html", ".htm"):
         raise OutputError("the report is an HTML page: give a name ending in .html", path=path)
-    check_output(path, protect)

@@ -29,10 +29,10 @@ def report_cmd(summary, output, title, debug):
     from ..errors import OutputError
 
     rows, source = load_summary(summary)
-    if Path(output).suffix.lower() not in (".html", ".htm"):
-        raise OutputError("the report is an HTML page: give a name ending in .html", path=output)
     protect = [source, source.with_suffix(".tsv")] + [r[k] for r in rows for k in INPUT_FIELDS + OUTPUT_FIELDS if r.get(k)]
     check_output(output, protect)
+    if Path(output).suffix.lower() not in (".html", ".htm"):
+        raise OutputError("the report is an HTML page: give a name ending in .html", path=output)
     folder = source.resolve().parent
     if folder.name == "logs":
         folder = folder.parent
