@@ -13,7 +13,9 @@ Names follow the BIDS derivatives specification and fMRIPrep's outputs. For a mo
 Every entity of the moving image's name is kept, so two inputs never share outputs: the input's
 own ``space`` and ``desc`` (which the outputs set themselves) are folded into the outputs' ``desc``
 label (``desc-preproc`` gives ``..._space-T1w_desc-preproc_boldref`` and ``..._desc-preprocCoreg_xfm``).
-A name part that is not an entity (``a_bold.nii.gz``) is kept where it was. The reference suffix
+A name part that is not an entity (``a_bold.nii.gz``) is kept where it was. Figures share one
+``figures/`` folder per subject, so their names get ``sub``/``ses`` from the folders when the file
+name lacks them. The reference suffix
 is ``<suffix>ref`` (fMRIPrep's ``boldref``; ``dwiref``, ``epiref``) except for ``sbref``, which is
 already a reference volume and stays ``sbref``.
 
@@ -155,8 +157,11 @@ def _bids_paths(moving_rel: Path, out_dir: Path) -> PairPaths:
     xfm = {"space": None, "from": ref, "to": FIXED_SUFFIX, "mode": "image", "desc": coreg}
     transform = derivative_path(moving_rel, out_dir, set_entities=xfm, suffix="xfm", extension=".txt")
     top = moving_rel.parts[0] if len(moving_rel.parts) > 1 else ""
-    figure = derivative_path(moving_rel, out_dir, set_entities={"space": None, "desc": coreg},
-                             suffix=source.suffix, extension=".png", folder=Path(top) / "figures")
+    # one figures/ folder per subject: its names need the subject and session even where the file name lacks them
+    folders = dict(p.split("-", 1) for p in moving_rel.parts[:-1] if p.startswith(("sub-", "ses-")))
+    figure = derivative_path(moving_rel, out_dir, set_entities={
+        **{k: v for k, v in folders.items() if source.get(k) is None}, "space": None, "desc": coreg},
+        suffix=source.suffix, extension=".png", folder=Path(top) / "figures")
     return PairPaths(reference, reference.with_name(NIFTI.sub(".json", reference.name)), transform,
                      transform.with_suffix(".json"), figure)
 

@@ -145,11 +145,14 @@ def test_every_input_gets_its_own_outputs(tmp_path):
     func.mkdir(parents=True)
     for n in names:
         (func / n).write_bytes(b"x")
+    for ses in ("1", "2"):  # names without the session entity, in two sessions (one figures/ folder)
+        (tmp_path / f"ds/sub-01/ses-{ses}/func").mkdir(parents=True)
+        (tmp_path / f"ds/sub-01/ses-{ses}/func/a_bold.nii.gz").write_bytes(b"x")
     jobs = discover_bids(tmp_path / "ds", tmp_path / "ds/derivatives/regkl", suffixes=("bold", "sbref"))
-    assert len(jobs) == len(names)
+    assert len(jobs) == len(names) + 2
     check_jobs(jobs)  # no collision
-    every = [p.name for j in jobs for p in j.paths.all()]
-    assert len(every) == len(set(every)) == 5 * len(names)
+    every = [str(p) for j in jobs for p in j.paths.all()]
+    assert len(every) == len(set(every)) == 5 * len(jobs)
     assert pair_paths("sub-01/func/sub-01_task-rest_desc-preproc_bold.nii.gz", "o").transform.name == \
         "sub-01_task-rest_from-boldref_to-T1w_mode-image_desc-preprocCoreg_xfm.txt"
     (func / "sub-01_task-rest_bold.nii").write_bytes(b"x")  # same name but for .gz: a collision
