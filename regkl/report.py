@@ -336,6 +336,8 @@ def write_report(rows, path, *, title: str = "regkl batch report", source: str =
     from .io import atomic_path
 
     page = render(rows, title=title, source=source)
+    # file names that are not UTF-8 (undecodable bytes kept as surrogates) are shown with U+FFFD
+    page = page.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     with atomic_path(path, protect=protect) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     return Path(path)

@@ -267,8 +267,8 @@ def write_summary(rows, out_dir, *, protect=()) -> tuple:
     lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(cell(r.get(c)) for c in SUMMARY_COLUMNS) for r in rows]
     from .io import atomic_path
 
-    with atomic_path(tsv, protect=protect) as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with atomic_path(tsv, protect=protect) as tmp:  # a file name that is not UTF-8 keeps its bytes
+        Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
     with atomic_path(js, protect=protect) as tmp:
         Path(tmp).write_text(json.dumps({"GeneratedBy": f"regkl {__version__}", "Pairs": rows}, indent=2),
                              encoding="utf-8")
