@@ -352,7 +352,7 @@ def report_rows(rows, results_dir, root) -> list:
     """Summary rows with their relative paths made usable from here: inputs joined to the dataset
     folder ``root``, outputs to ``results_dir`` (absolute paths, from old batches, stay as they are)."""
     def join(base, value):
-        return str(Path(base) / value) if value else value
+        return str(Path(base) / value) if isinstance(value, str) and value else value
 
     return [{**r, **{k: join(root, r.get(k)) for k in INPUT_FIELDS},
              **{k: join(results_dir, r.get(k)) for k in OUTPUT_FIELDS}} for r in rows]
@@ -396,6 +396,10 @@ def load_summary(path) -> tuple:
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "status" in r and "moving" in r for r in rows):
         raise InputError("not a regkl batch summary (expected a list of pair records with 'status' and "
                          "'moving')", path=p)
+    for i, row in enumerate(rows, 1):
+        bad = next((k for k in INPUT_FIELDS + OUTPUT_FIELDS if not isinstance(row.get(k) or "", str)), None)
+        if bad:
+            raise InputError(f"not a regkl batch summary (pair {i}: {bad!r} is not a path)", path=p)
     results_dir = next((d for d in (p.parent, p.parent.parent) if (d / "dataset_description.json").is_file()),
                        p.parent)
     return report_rows(rows, results_dir, dataset_root(results_dir)), p

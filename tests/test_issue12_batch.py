@@ -329,3 +329,11 @@ def test_report_after_mv_shows_every_picture_in_chromium(reference, tmp_path, ca
     assert sorted(i["row"] for i in seen["images"]) == sorted(
         f"sub-{s}_task-rest_run-{r}_bold.nii.gz" for s in ("01", "02") for r in ("1", "2"))
     assert str(moved) in page.read_text() and str(reference[0]) not in page.read_text()
+
+
+def test_report_refuses_a_summary_whose_paths_are_not_text(tmp_path, capfd):
+    summary = tmp_path / "s.json"
+    summary.write_text('{"Pairs": [{"moving": "a.nii.gz", "status": "ok", "qc": 3}]}')
+    code, err = in_process(["report", summary, "-o", tmp_path / "r.html"], capfd)
+    assert code == 2 and "pair 1: 'qc' is not a path" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r.html").exists()
