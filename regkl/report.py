@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .batch import entities
+from .bids import entities
 from .errors import InputError, RegklError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -332,34 +332,70 @@ def write_report(rows, path, *, title: str = "regkl batch report", source: str =
     from .io import atomic_path
 
     page = render(rows, title=title, source=source)
+    # file names that are not UTF-8 (undecodable bytes kept as surrogates) are shown with U+FFFD
+    page = page.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     with atomic_path(path, protect=protect) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     return Path(path)
 
 
+#: Row fields holding paths: inputs (relative to the dataset folder) and outputs (to the results folder).
+INPUT_FIELDS = ("moving", "fixed")
+OUTPUT_FIELDS = ("output", "transform", "qc", "record")
+
+
+def report_rows(rows, results_dir, root) -> list:
+    """Summary rows with their relative paths made usable from here: inputs joined to the dataset
+    folder ``root``, outputs to ``results_dir`` (absolute paths, from old batches, stay as they are)."""
+    def join(base, value):
+        return str(Path(base) / value) if isinstance(value, str) and value else value
+
+    return [{**r, **{k: join(root, r.get(k)) for k in INPUT_FIELDS},
+             **{k: join(results_dir, r.get(k)) for k in OUTPUT_FIELDS}} for r in rows]
+
+
+def _summary_file(folder: Path) -> Path:
+    from .io import check_input_path
+    from .resume import OLD_SUMMARY, SUMMARY_NAME
+
+    new = folder / f"{SUMMARY_NAME}.json"
+    return check_input_path(new if new.exists() or not (folder / OLD_SUMMARY).exists() else folder / OLD_SUMMARY,
+                            "summary")
+
+
 def load_summary(path) -> tuple:
-    """Rows of a batch summary: ``regkl_summary.json`` or the folder holding it.
+    """Rows of a batch summary, given the summary JSON or the results folder holding it
+    (``logs/regkl_summary.json``, or the ``regkl_summary.json`` list that earlier versions wrote at its top).
 
     Returns
     -------
     rows : list of dict
+        With paths usable from the working folder (see :func:`report_rows`).
     source : Path
         The JSON file read.
     """
     from .io import check_input_path
+    from .resume import dataset_root
 
     p = check_input_path(path, "summary")
     if p.is_dir():
-        p = check_input_path(p / "regkl_summary.json", "summary")
+        p = _summary_file(p)
     try:
-        rows = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise InputError("not a regkl batch summary (not text)", path=p) from None
     except ValueError as exc:
         raise InputError(f"not a regkl batch summary (invalid JSON: {exc})", path=p) from None
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror or exc}", path=p) from exc
+    rows = data.get("Pairs") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "status" in r and "moving" in r for r in rows):
-        raise InputError("not a regkl batch summary (expected a JSON list of pair records with 'status' and "
+        raise InputError("not a regkl batch summary (expected a list of pair records with 'status' and "
                          "'moving')", path=p)
-    return rows, p
+    for i, row in enumerate(rows, 1):
+        bad = next((k for k in INPUT_FIELDS + OUTPUT_FIELDS if not isinstance(row.get(k) or "", str)), None)
+        if bad:
+            raise InputError(f"not a regkl batch summary (pair {i}: {bad!r} is not a path)", path=p)
+    results_dir = next((d for d in (p.parent, p.parent.parent) if (d / "dataset_description.json").is_file()),
+                       p.parent)
+    return report_rows(rows, results_dir, dataset_root(results_dir)), p

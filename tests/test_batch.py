@@ -59,8 +59,8 @@ def expected_outputs(root: Path, subjects=("01", "02"), sessions=("1", "2"), run
         for ses in sessions:
             for run in runs:
                 base = out / f"sub-{sub}/ses-{ses}/func/sub-{sub}_ses-{ses}_task-rest_run-{run}"
-                yield (Path(f"{base}_space-T1w_desc-coreg_bold.nii.gz"),
-                       Path(f"{base}_from-bold_to-T1w_mode-image_xfm.txt"))
+                yield (Path(f"{base}_space-T1w_boldref.nii.gz"),
+                       Path(f"{base}_from-boldref_to-T1w_mode-image_desc-coreg_xfm.txt"))
 
 
 def regkl(*args, **kwargs):
@@ -98,9 +98,9 @@ def test_bids_tree_every_output_named_and_correct(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert check_outputs(root, single_pair_matrix(bold, t1, tmp_path), t1) == 8
     out = root / "derivatives" / "regkl"
-    rows = json.loads((out / "regkl_summary.json").read_text())
+    rows = json.loads((out / "logs" / "regkl_summary.json").read_text())["Pairs"]
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
-    tsv = (out / "regkl_summary.tsv").read_text().splitlines()
+    tsv = (out / "logs" / "regkl_summary.tsv").read_text().splitlines()
     assert tsv[0].split("\t")[:2] == ["subject", "session"] and len(tsv) == 9
     assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
     # a second run skips every pair; --force redoes them
@@ -117,11 +117,11 @@ def test_sigkill_mid_batch_then_rerun_leaves_everything_correct(tmp_path, small_
     proc = subprocess.Popen([sys.executable, "-m", "regkl.cli", "batch", str(root), "--jobs", "2", "-q"],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.rglob("*_summary.json"))) < 2:
+    while time.time() < deadline and len(list(out.rglob("*_xfm.json"))) < 2:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the batch and its worker processes, mid-write
     proc.wait()
-    done_before = len(list(out.rglob("*desc-regkl_summary.json")))
+    done_before = len(list(out.rglob("*_xfm.json")))
     assert 0 < done_before < 8, "kill landed outside the batch; the test proves nothing"
     rerun = regkl("batch", root, "--jobs", "2", "--json", "-q")
     assert rerun.returncode == 0, rerun.stderr

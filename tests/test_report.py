@@ -298,7 +298,6 @@ def batch_with_report(tmp_path_factory):
     from regkl.io import load_volume, save_volume
     from regkl.pyramid import downsample
 
-    pytest.importorskip("matplotlib", reason="matplotlib not installed (regkl[qc]): no QC thumbnails")
     bold, t1 = _sample()
     folder = tmp_path_factory.mktemp("report_batch")
     t1_small = folder / "T1w.nii.gz"
@@ -316,7 +315,7 @@ def batch_with_report(tmp_path_factory):
 
 def test_batch_report_renders_every_row_and_picture_in_chromium(chromium, batch_with_report, tmp_path):
     out, custom = batch_with_report
-    rows = json.loads((out / "regkl_summary.json").read_text())
+    rows = json.loads((out / "logs" / "regkl_summary.json").read_text())["Pairs"]
     assert len(rows) == 3 and [r["status"] for r in rows].count("failed") == 1
     assert not (out / "regkl_report.html").exists()  # --report replaced the default location
     page = custom
@@ -334,7 +333,7 @@ def test_batch_report_renders_every_row_and_picture_in_chromium(chromium, batch_
 
     html = page.read_text()
     embedded = [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
-    assert sorted(embedded) == sorted(Path(r["qc"]).read_bytes() for r in rows if r["status"] != "failed")
+    assert sorted(embedded) == sorted((out / r["qc"]).read_bytes() for r in rows if r["status"] != "failed")
     assert seen["order"]["initial"][0] == "sub-02_ses-1_task-rest_run-2_bold.nii.gz"  # failed first
     assert seen["order"]["initial"] == expected_default_order(rows)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from .. import __version__
 from ._common import check_output, load_prior, log, metric_choice, model_choice, volume_option
 
 
@@ -67,10 +66,10 @@ class _Progress:
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--report", "report_out", type=click.Path(dir_okay=False),
-              help="HTML report of every pair (QC pictures, confidence, errors; worst first) "
-                   "[default: regkl_report.html in the results folder].")
+              help="HTML report of every pair (QC pictures, confidence, errors; worst first); an .html "
+                   "name [default: regkl_report.html in the results folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (why a pair is redone is still said).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_scheduler, force, model, metric, prior,
               bins, sampling, search, auto_mask, moving_volume, interp, seed, report_out, as_json, quiet, debug):
@@ -78,10 +77,13 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
 
     BIDS: sub-*/[ses-*/]func/*_bold.nii[.gz] (and --suffixes) onto the same subject's
     anat/*_T1w.nii[.gz], preferring the same session. Results go to ROOT/derivatives/regkl with
-    BIDS-derivative names (..._space-T1w_desc-coreg_bold.nii.gz, ..._from-bold_to-T1w_mode-image_xfm.txt),
-    plus regkl_summary.tsv and .json and an HTML report (regkl_report.html: every pair with a QC
-    picture, worst first). Pairs already complete are skipped (resumable; --force redoes them); a
-    failing pair never stops the others. Exit code 1 if any pair failed.
+    fMRIPrep's BIDS-derivative names (..._space-T1w_boldref.nii.gz,
+    ..._from-boldref_to-T1w_mode-image_desc-coreg_xfm.txt and their JSON sidecars,
+    sub-*/figures/..._desc-coreg_bold.png), a summary in logs/regkl_summary.tsv and .json and an
+    HTML report (regkl_report.html: every pair with a QC picture, worst first). Pairs already
+    complete with the same options and inputs are skipped (resumable; --force redoes them); a
+    failing pair never stops the others; a second batch on the same results folder waits for the
+    first. Exit code 1 if any pair failed.
 
     \b
     Examples:
@@ -89,10 +91,11 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
       regkl batch /data/study --moving-glob '*/rest.nii.gz' --fixed-glob 'T1.nii.gz' --out-dir /data/reg
       regkl batch /data/ds000001 --dask-scheduler tcp://scheduler:8786
     """
-    from .. import batch
+    from .. import batch, resume
+    from ..bids import ignore_patterns
     from ..errors import InputError
     from ..io import stale_temp_files
-    from ..report import write_report
+    from ..report import report_rows, write_report
 
     rootp = Path(root)
     if not rootp.is_dir():
@@ -100,43 +103,67 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     if bool(moving_glob) != bool(fixed_glob):
         raise InputError("--moving-glob and --fixed-glob go together")
     out = Path(out_dir) if out_dir else rootp / "derivatives" / "regkl"
+    batch.check_folders(rootp, out)
     load_prior(metric, prior, bins)
     options = {"model": model, "metric": metric, "bins": bins, "sampling": sampling, "search": search,
                "auto_mask": auto_mask, "seed": seed, "moving_volume": volume_option(moving_volume),
                "interp": interp}
     if prior:
         options["prior"] = str(Path(prior).resolve())
+    shaping = resume.shaping_options(options)
+    suffix_list = tuple(x for x in suffixes.split(",") if x)
     if moving_glob:
-        jobs = batch.discover_glob(rootp, out, moving_glob, fixed_glob, options=options)
+        jobs = batch.discover_glob(rootp, out, moving_glob, fixed_glob, options=options, shaping=shaping)
     else:
-        jobs = batch.discover_bids(rootp, out, suffixes=tuple(x for x in suffixes.split(",") if x), options=options)
+        jobs = batch.discover_bids(rootp, out, suffixes=suffix_list, options=options, shaping=shaping)
     if not jobs:
         raise InputError("found no images to register (BIDS: sub-*/[ses-*/]func/*_bold.nii[.gz]; "
                          "plain folders: --moving-glob/--fixed-glob)", path=root)
-    inputs = sorted({p for j in jobs for p in (j.moving, j.fixed) if p})
+    batch.check_jobs(jobs)
+    inputs = sorted({str(p) for j in jobs for p in (j.moving, j.fixed) if p})
+    results = [str(p) for j in jobs for p in j.paths.all()]
+    results += [str(out / f"{resume.SUMMARY_NAME}{ext}") for ext in (".tsv", ".json")]
+    results += [str(out / n) for n in ("dataset_description.json", ".bidsignore", resume.LOCK_NAME)]
     if report_out:
-        check_output(report_out, inputs)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in stale_temp_files(out):
-        stale.unlink()
-    _write_dataset_description(out)
-    todo = [j for j in jobs if force or not batch.is_complete(j)]
-    done_rows = {j.sidecar: batch.skipped_row(j) for j in jobs if j not in todo}
+        _check_report(report_out, inputs + results)
     say = log(quiet)
-    say(f"{len(jobs)} pairs, {len(done_rows)} already complete, {len(todo)} to run")
-    progress = _Progress(len(todo), quiet)
-    if not todo:
-        rows = []
-    elif dask_scheduler:
-        rows = batch.run_dask(todo, dask_scheduler, progress=progress)
-    else:
-        cores = os.cpu_count() or 1
-        rows = batch.run_local(todo, n_jobs=max(1, min(n_jobs or cores, len(todo))), progress=progress)
-    by_sidecar = {j.sidecar: r for j, r in zip(todo, rows)}
-    all_rows = [by_sidecar.get(j.sidecar) or done_rows[j.sidecar] for j in jobs]
-    tsv, _ = batch.write_summary(all_rows, out)
-    page = write_report(all_rows, report_out or out / "regkl_report.html", title=f"regkl batch report: {rootp.name}",
-                        source=f"results in {out}", protect=inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    with resume.results_lock(out, on_wait=lambda owner: say(f"waiting for the batch already writing to {out} "
+                                                            f"({owner})")):
+        for stale in stale_temp_files(out):  # under the lock: their writer is gone
+            stale.unlink()
+        resume.write_description(out, rootp)
+        if (out / resume.OLD_SUMMARY).is_file():
+            say(f"note: {out / resume.OLD_SUMMARY} was written by an earlier regkl (the summary is now in logs/); "
+                "pybids cannot index the results folder while it is there: remove it")
+        if not moving_glob:
+            resume.write_bidsignore(out, ignore_patterns(suffix_list))
+        todo, done_rows = [], {}
+        for job in jobs:
+            record = None if force else resume.read_record(job)
+            reason = resume.stale_reason(job, record)
+            if record is not None and record.get("status") == "ok" and reason is None:
+                done_rows[job.moving_rel] = resume.skipped_row(job, record)
+                continue
+            if reason:  # not progress: said even with --quiet
+                click.echo(f"regkl: redo {job.moving_rel}: {reason}", err=True)
+                job.paths.record.unlink(missing_ok=True)  # its outputs no longer match: not complete
+            todo.append(job)
+        say(f"{len(jobs)} pairs, {len(done_rows)} already complete, {len(todo)} to run")
+        progress = _Progress(len(todo), quiet)
+        if not todo:
+            rows = []
+        elif dask_scheduler:
+            rows = batch.run_dask(todo, dask_scheduler, progress=progress)
+        else:
+            cores = os.cpu_count() or 1
+            rows = batch.run_local(todo, n_jobs=max(1, min(n_jobs or cores, len(todo))), progress=progress)
+        by_moving = {j.moving_rel: r for j, r in zip(todo, rows)}
+        all_rows = [by_moving.get(j.moving_rel) or done_rows[j.moving_rel] for j in jobs]
+        tsv, _ = resume.write_summary(all_rows, out)
+        page = write_report(report_rows(all_rows, out, rootp), report_out or out / "regkl_report.html",
+                            title=f"regkl batch report: {rootp.name}", source=f"results in {out}",
+                            protect=inputs + results)
     failed = sum(r["status"] == "failed" for r in all_rows)
     say(f"{len(all_rows) - failed} of {len(all_rows)} pairs ok; summary: {tsv}; report: {page}")
     if as_json:
@@ -145,14 +172,10 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
         sys.exit(1)
 
 
-def _write_dataset_description(out):
-    """BIDS derivatives need a dataset_description.json; write one if missing."""
-    from ..io import atomic_path
+def _check_report(path, protect):
+    """The report must be an .html file that is none of the batch's inputs or results."""
+    from ..errors import OutputError
 
-    path = Path(out) / "dataset_description.json"
-    if path.exists():
-        return
-    desc = {"Name": "regkl coregistration", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "regkl", "Version": __version__}]}
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(desc, indent=2), encoding="utf-8")
+    check_output(path, protect)
+    if Path(path).suffix.lower() not in (".html", ".htm"):
+        raise OutputError("the report is an HTML page: give a name ending in .html", path=path)
