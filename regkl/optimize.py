@@ -168,14 +168,15 @@ def reachable_fraction(fixed: Volume, moving: Volume) -> float:
     return min(1.0, fov(moving) / fov(fixed))
 
 
-def _too_few_points(fixed, moving, spacing, n, sampling, fixed_mask):
-    """InputError for a finest level with fewer than MIN_LEVEL_POINTS sample points, in the user's terms."""
-    limiting = moving if float(np.min(moving.spacing)) > float(np.min(fixed.spacing)) else fixed
+def _too_few_points(fixed, moving, spacing, n, sampling, fixed_mask, roles):
+    """InputError for a finest level with fewer than MIN_LEVEL_POINTS sample points, in the user's terms
+    (``roles``: what the user calls the sampled image and the other one)."""
+    limiting = roles[1] if float(np.min(moving.spacing)) > float(np.min(fixed.spacing)) else roles[0]
     vox = "x".join(f"{v:.4g}" for v in fixed.spacing)
-    where = " inside the fixed mask" if fixed_mask is not None else ""
-    text = (f"only {n} fixed sample points{where} (at least {MIN_LEVEL_POINTS} are needed): the fixed image "
+    where = f" inside the {roles[0]} mask" if fixed_mask is not None else ""
+    text = (f"only {n} sample points{where} (at least {MIN_LEVEL_POINTS} are needed): the {roles[0]} image "
             f"({'x'.join(map(str, fixed.shape))} voxels of {vox} mm) is sampled at {spacing:.4g} mm, the voxel size "
-            f"of {'the moving image' if limiting is moving else 'the fixed image'}")
+            f"of the {limiting} image")
     if sampling < 1.0:
         text += f", keeping a fraction {sampling:g} of the points (--sampling)"
     if sampling < 1.0 and n / sampling >= 2 * MIN_LEVEL_POINTS:
@@ -183,7 +184,8 @@ def _too_few_points(fixed, moving, spacing, n, sampling, fixed_mask):
     return InputError(text, path=fixed.name)
 
 
-def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask, native_finest=False):
+def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask, native_finest=False,
+                  roles=("fixed", "moving")):
     """Pyramid levels, coarse to fine. With ``native_finest`` (the metrics in
     :data:`regkl.metrics.NATIVE_FIXED_METRICS`), the finest level's sample points keep their
     positions but take their fixed intensities from ``fixed`` itself, unsmoothed.
@@ -191,7 +193,8 @@ def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, movi
     Non-finite voxels are no data on both sides: fixed sample points that touch one are left out,
     and moving points whose interpolation touches one count as outside the moving image
     (:func:`regkl.pyramid.no_data_mask`, applied like a moving mask). A coarse level with fewer than
-    :data:`MIN_LEVEL_POINTS` sample points is left out; a finest one is refused."""
+    :data:`MIN_LEVEL_POINTS` sample points is left out; a finest one is refused. ``roles``: what the
+    user calls ``fixed`` and ``moving``, for messages (they differ when registering the other way)."""
     levels = []
     reach = reachable_fraction(fixed, moving)
     for li, spacing in enumerate(spacings):
@@ -206,34 +209,34 @@ def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, movi
         if fixed_mask is not None:
             keep = masks.values_at(fixed_mask, pts) >= 0.5
             if np.count_nonzero(keep) < 64:
-                raise InputError(f"fixed mask keeps only {np.count_nonzero(keep)} sample points at "
-                                 f"{spacing:g} mm; it does not overlap the fixed image", path=fixed_mask.name)
+                raise InputError(f"{roles[0]} mask keeps only {np.count_nonzero(keep)} sample points at "
+                                 f"{spacing:g} mm; it does not overlap the {roles[0]} image", path=fixed_mask.name)
             pts, vals = pts[keep], vals[keep]
         if len(pts) < MIN_LEVEL_POINTS:
             if not finest:
                 continue
-            raise _too_few_points(fixed, moving, spacing, len(pts), sampling, fixed_mask)
+            raise _too_few_points(fixed, moving, spacing, len(pts), sampling, fixed_mask, roles)
         mmask = None if moving_mask is None else masks.on_grid(moving_mask, mlev)
         if mmask is not None and not np.any(mmask > 0):
-            raise InputError("moving mask does not overlap the moving image", path=moving_mask.name)
+            raise InputError(f"{roles[1]} mask does not overlap the {roles[1]} image", path=moving_mask.name)
         nodata = pyramid.no_data_mask(mlev)
         mdata = mlev
         if nodata is not None:
             if not np.any(nodata > 0):
-                raise InputError(f"moving image has no finite voxel away from its NaN/infinite ones at {spacing:g} "
-                                 "mm", path=moving.name)
+                raise InputError(f"{roles[1]} image has no finite voxel away from its NaN/infinite ones at "
+                                 f"{spacing:g} mm", path=moving.name)
             mmask = nodata if mmask is None else mmask * nodata
             mdata = mlev.with_data(np.where(nodata > 0, mlev.data, np.float32(0.0)))
         try:
             samples = histogram.make_samples(pts, vals, bins)
         except KernelInputError as exc:
-            raise InputError(f"fixed image has no contrast at its {len(pts)} sample points"
-                             f"{' inside the fixed mask' if fixed_mask is not None else ''} ({exc.problem})",
+            raise InputError(f"{roles[0]} image has no contrast at its {len(pts)} sample points"
+                             f"{f' inside the {roles[0]} mask' if fixed_mask is not None else ''} ({exc.problem})",
                              path=fixed.name) from exc
         try:
             mlevel = histogram.make_moving_level(mdata, bins, mask=mmask)
         except KernelInputError as exc:
-            raise InputError(f"moving image has no contrast{' inside the moving mask' if moving_mask else ''} "
+            raise InputError(f"{roles[1]} image has no contrast{f' inside the {roles[1]} mask' if moving_mask else ''} "
                              f"({exc.problem})", path=moving.name) from exc
         levels.append(_Level(float(spacing), samples, mlevel, flev, mlev,
                              max(64, int(MIN_OVERLAP * reach * len(pts)))))
@@ -383,14 +386,14 @@ SWAP_BELOW = 0.2
 def _register_other_way(moving, fixed, fraction, options) -> Result:
     """Register ``fixed`` onto ``moving`` and invert the result (see :func:`register`)."""
     say = options["log"] or (lambda msg: None)
-    say(f"the moving image covers {fraction:.1%} of the fixed image's field of view: registering the fixed image "
+    say(f"the moving image covers {100 * fraction:.2g} % of the fixed image's field of view: registering the fixed image "
         "onto it and inverting the result, so that the sample points fall where the moving image has data")
     swapped = dict(options, fixed_mask=options["moving_mask"], moving_mask=options["fixed_mask"])
     if options["init_fixed2moving"] is not None:
         swapped["init_fixed2moving"] = np.linalg.inv(np.asarray(options["init_fixed2moving"], dtype=np.float64))
     if options["prior"] is not None:
         swapped["prior"] = np.asarray(options["prior"]).T
-    res = _register(fixed, moving, **swapped)
+    res = _register(fixed, moving, **swapped, roles=("moving", "fixed"))
     matrix = np.linalg.inv(res.fixed2moving)
     centre = res.fixed2moving[:3, :3] @ res.centre + res.fixed2moving[:3, 3]
     settings = dict(res.settings, registered_other_way=True,
@@ -401,8 +404,8 @@ def _register_other_way(moving, fixed, fraction, options) -> Result:
 
 def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, levels, init, init_fixed2moving,
               search, fixed_mask, moving_mask, auto_mask, prior, seed, max_iter, max_seconds, confidence,
-              log) -> Result:
-    """:func:`register` with the roles as given."""
+              log, roles=("fixed", "moving")) -> Result:
+    """:func:`register` with the roles as given (``roles``: what the user calls ``fixed`` and ``moving``)."""
     t0 = time.perf_counter()
     deadline = None if max_seconds is None else t0 + float(max_seconds)
     say = log or (lambda msg: None)
@@ -422,11 +425,11 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
 
     fixed_mask, moving_mask = masks.prepare_masks(fixed, moving, fixed_mask, moving_mask, auto_mask)
     lvls = _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask,
-                         native_finest=metric in NATIVE_FIXED_METRICS)
+                         native_finest=metric in NATIVE_FIXED_METRICS, roles=roles)
     if levels is not None and len(lvls) < levels:
         say(f"{len(lvls)} of the {levels} levels asked for are used ({', '.join(f'{lv.spacing:g}' for lv in lvls)} "
             f"mm): a coarser level would average away a thin field of view "
-            f"(thinnest: moving {pyramid.thinnest_extent_mm(moving):.3g} mm, fixed "
+            f"(thinnest: {roles[1]} {pyramid.thinnest_extent_mm(moving):.3g} mm, {roles[0]} "
             f"{pyramid.thinnest_extent_mm(fixed):.3g} mm) or keep too few sample points")
     spacings = [lv.spacing for lv in lvls]
 
@@ -452,8 +455,8 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
         advice = [opt for opt, used in (("--init com", init == "com" or init_fixed2moving is not None),
                                         ("--search full", search == "full")) if not used]
         raise RegistrationError(
-            f"the images do not overlap at the start ({ev0.n_valid} of {len(first.samples.points)} fixed sample "
-            f"points fall inside the moving image{' mask' if moving_mask is not None else ''}, at least "
+            f"the images do not overlap at the start ({ev0.n_valid} of {len(first.samples.points)} {roles[0]} "
+            f"sample points fall inside the {roles[1]} image{' mask' if moving_mask is not None else ''}, at least "
             f"{first.min_valid} are needed); check the headers{''.join(', or use ' + a for a in advice[:1])}"
             f"{''.join(' / ' + a for a in advice[1:])}")
 

@@ -22,7 +22,7 @@ MIN_AXIS_VOXELS = 2
 #: would put only a handful of sample points inside it.
 MAX_SPACING_PER_EXTENT = 0.5
 #: A fixed level voxel counts as data when at least this fraction of its block is finite.
-MIN_FINITE_BLOCK_FRACTION = 0.5
+MIN_FINITE_BLOCK_FRACTION = 1e-6
 
 
 def thinnest_extent_mm(volume: Volume) -> float:
