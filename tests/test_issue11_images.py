@@ -36,10 +36,10 @@ def _rigid_truth():
 
 @pytest.fixture(scope="session")
 def case(template, tmp_path_factory):
-    """Fixed T1 (2 mm, saved), an oblique 3 x 3 x 3.5 mm EPI of it with its true fixed->moving
+    """Fixed T1 (3 mm, saved), an oblique 3 x 3 x 3.5 mm EPI of it with its true fixed->moving
     matrix, the brain points and a folder."""
     folder = tmp_path_factory.mktemp("issue11")
-    t1 = synthetic.make_t1(template, voxel_mm=2.0)
+    t1 = synthetic.make_t1(template, voxel_mm=3.0)
     epi = synthetic.make_epi(template, _rigid_truth(), np.random.default_rng(3), voxel_mm=(3.0, 3.0, 3.5))
     tilt = np.eye(4)
     tilt[:3, :3] = synthetic.rotation_matrix(TILT_DEG)
@@ -97,7 +97,7 @@ def slab(vol: Volume, n: int, axis: int = 2, centre_frac: float = 0.55) -> Volum
 @pytest.mark.parametrize("n_slices", [2, 3, 4, 5])
 def test_thin_oblique_slab_registers_with_default_options(case, n_slices, capfd):
     moving = save(slab(case["epi"], n_slices), case["dir"] / f"slab{n_slices}.nii.gz")
-    m, _, _, _ = register(moving, case["dir"] / "t1.nii.gz", case["dir"], capfd, name=f"slab{n_slices}")
+    m, _, _, _ = register(moving, case["dir"] / "t1.nii.gz", case["dir"], capfd, name=f"slab{n_slices}_reg")
     err = synthetic.rms_error(m, case["truth"], case["brain"])
     print(f"{n_slices}-slice slab: {err:.3f} mm")
     assert err < 1.0
