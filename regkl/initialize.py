@@ -15,13 +15,38 @@ INITS = ("com", "geometry", "header")
 SEARCH_MODES = ("none", "auto", "full")
 
 
+#: An image whose extent along one array axis is under this fraction of its largest extent is a
+#: slab: 'com' keeps the headers' placement across it.
+THIN_FRACTION = 0.2
+
+
+def thin_direction(volume: Volume):
+    """Unit world vector (3,) across a slab-shaped image's thinnest axis, or None if it is not thin
+    (see :data:`THIN_FRACTION`)."""
+    extent = np.asarray(volume.shape, dtype=np.float64) * volume.spacing
+    axis = int(np.argmin(extent))
+    if extent[axis] >= THIN_FRACTION * float(np.max(extent)):
+        return None
+    column = volume.vox2ras[:3, axis]
+    return column / np.linalg.norm(column)
+
+
 def initial_transform(moving: Volume, fixed: Volume, how: str) -> np.ndarray:
     """Starting fixed-to-moving matrix: 'com' (centres of mass), 'geometry' (grid centres) or
-    'header' (identity: trust the headers)."""
+    'header' (identity: trust the headers).
+
+    With 'com', across a slab-shaped image (:func:`thin_direction`) the headers' placement is kept:
+    the centre of mass of a few slices lies in them wherever they are in the head, so aligning it
+    with the other image's centre of mass would move them to the middle of the head.
+    """
     if how == "header":
         return np.eye(4)
     if how == "com":
         shift = moving.centre_of_mass() - fixed.centre_of_mass()
+        for vol in (moving, fixed):  # a slab's centre of mass says nothing about where it lies across its slices
+            normal = thin_direction(vol)
+            if normal is not None:
+                shift = shift - normal * float(normal @ shift)
     elif how == "geometry":
         shift = moving.centre - fixed.centre
     else:
