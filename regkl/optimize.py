@@ -524,7 +524,7 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
         stages=tuple(m.name for m in stage_models), search=search_report, confidence=conf,
         settings={"bins": bins, "sampling": sampling, "levels": len(spacings), "spacings_mm": spacings,
                   "seed": seed, "max_iter": max_iter, "max_seconds": max_seconds, "search": search,
-                  "auto_mask": auto_mask,
+                  "auto_mask": auto_mask, "registered_other_way": False,
                   "fixed_mask": None if fixed_mask is None else fixed_mask.name,
                   "moving_mask": None if moving_mask is None else moving_mask.name},
     )
