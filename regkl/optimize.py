@@ -427,7 +427,7 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
     lvls = _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask,
                          native_finest=metric in NATIVE_FIXED_METRICS, roles=roles)
     if levels is not None and len(lvls) < levels:
-        say(f"{len(lvls)} of the {levels} levels asked for are used ({', '.join(f'{lv.spacing:g}' for lv in lvls)} "
+        say(f"using {len(lvls)} of the {levels} levels asked for ({', '.join(f'{lv.spacing:g}' for lv in lvls)} "
             f"mm): a coarser level would average away a thin field of view "
             f"(thinnest: {roles[1]} {pyramid.thinnest_extent_mm(moving):.3g} mm, {roles[0]} "
             f"{pyramid.thinnest_extent_mm(fixed):.3g} mm) or keep too few sample points")
