@@ -309,3 +309,45 @@ def test_fill_default_is_stated_in_help(capfd):
         code, out, _ = run([command, "--help"], capfd)
         assert code == 0
         assert re.search(r"--fill FLOAT.*\[default: 0\.0\]", " ".join(out.split())), out
+
+
+# --------------------------------------------------------------------------------------------------
+# the pieces, against NumPy
+
+
+def test_pyramid_keeps_thin_axes_and_averages_finite_voxels_only():
+    from regkl.pyramid import downsample
+
+    rng = np.random.default_rng(1)
+    data = np.full((40, 36, 2), 7.0, np.float32)
+    holes = rng.random(data.shape) < 0.3
+    data[holes] = np.nan
+    data[:8, :8, :] = np.nan  # whole blocks without data
+    vol = Volume(data, np.diag([1.0, 1.0, 3.5, 1.0]))
+    out = downsample(vol, 8.0)
+    assert out.shape == (5, 4, 2)  # 8x8 blocks in-plane; the 2-slice axis is not reduced
+    finite = np.isfinite(out.data)
+    np.testing.assert_allclose(out.data[finite], 7.0, rtol=1e-6)  # NaN never read as 0
+    assert not finite[0, 0].any() and finite.sum() == out.data.size - 2
+
+
+def test_moving_points_touching_nan_count_as_outside():
+    from regkl import histogram, pyramid
+
+    rng = np.random.default_rng(2)
+    data = rng.random((12, 11, 10)).astype(np.float32)
+    data[rng.random(data.shape) < 0.05] = np.nan
+    vol = Volume(data, np.eye(4))
+    level = histogram.make_moving_level(vol.with_data(np.nan_to_num(data)), 16, mask=pyramid.no_data_mask(vol))
+    idx = rng.uniform(0, np.asarray(data.shape) - 1, size=(4000, 3))
+    samples = histogram.make_samples(idx, rng.random(4000).astype(np.float32), 16)
+    ev = histogram.joint_histogram(samples, level, np.eye(4))
+    base = np.minimum(np.floor(idx).astype(int), np.asarray(data.shape) - 2)
+    corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    touches = np.zeros(len(idx), bool)
+    for corner in corners:
+        i, j, k = (base + corner).T
+        touches |= np.isnan(data[i, j, k])
+    assert touches.sum() > 500 and (~touches).sum() > 200
+    assert np.all(ev.mov_w[touches] == 0.0)
+    assert np.any(ev.mov_w[~touches] > 0.0)
