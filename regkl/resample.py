@@ -46,24 +46,24 @@ def resample(moving: Volume, grid: Volume, fixed2moving: np.ndarray, *, interp: 
         raise InputError(f"unknown interpolation {interp!r}; choose one of {', '.join(INTERPOLATORS)}")
     m = np.ascontiguousarray(vox2vox(moving, grid, fixed2moving))
     s0, s1, s2 = grid.shape
-    has_nan = bool(np.isnan(moving.data).any())
+    has_nan = not bool(np.isfinite(moving.data).all())  # NaN (and infinite, from the API) voxels: no data
     if interp == "linear":
         out = kernels.resample_linear(moving.data, m, s0, s1, s2, np.float32(fill))
     elif interp == "nearest":
         out = kernels.resample_nearest(moving.data, m, s0, s1, s2, np.float32(fill))  # keeps the values
     else:
         out = _resample_cubic(_nan_to_nearest(moving.data) if has_nan else moving.data, m, grid.shape, fill)
-        if has_nan:  # the linear result is NaN exactly where the 8 neighbours include a NaN voxel
-            out[np.isnan(kernels.resample_linear(moving.data, m, s0, s1, s2, np.float32(0.0)))] = np.nan
+        if has_nan:  # the linear result is not finite exactly where the 8 neighbours include such a voxel
+            out[~np.isfinite(kernels.resample_linear(moving.data, m, s0, s1, s2, np.float32(0.0)))] = np.nan
     if has_nan:
-        out[np.isnan(out)] = np.float32(fill)
+        out[~np.isfinite(out)] = np.float32(fill)
     return Volume(out, grid.vox2ras, moving.name, f"resampled on {grid.name}", grid.header)
 
 
 def _nan_to_nearest(data: np.ndarray) -> np.ndarray:
-    """``data`` with every NaN voxel replaced by the nearest finite voxel (for spline prefiltering,
+    """``data`` with every non-finite voxel replaced by the nearest finite one (for spline prefiltering,
     which would spread a NaN over the whole image)."""
-    nan = np.isnan(data)
+    nan = ~np.isfinite(data)
     idx = ndimage.distance_transform_edt(nan, return_distances=False, return_indices=True)
     return data[tuple(idx)]
 
