@@ -113,13 +113,30 @@ def _distinct(candidates, min_mm, radius, limit=None):
     return kept
 
 
+def half_turns(start_params: np.ndarray, centre: np.ndarray) -> list:
+    """Rigid parameters of the start turned by 180 degrees about each fixed world axis through
+    ``centre``: an image stored upside down or back to front (as ITK places a file without
+    orientation whose axes run another way) is beyond the +-90 degree grid of :func:`rotation_grid`.
+    """
+    model = get_model("rigid")
+    start = model.matrix(start_params, centre)
+    out = []
+    for axis in np.eye(3):
+        turn = np.eye(4)
+        turn[:3, :3] = 2.0 * np.outer(axis, axis) - np.eye(3)  # rotation by pi about ``axis``
+        turn[:3, 3] = centre - turn[:3, :3] @ centre
+        out.append(model.from_matrix(start @ turn, centre))
+    return out
+
+
 def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str = "auto", keep: int = 12,
                   margin: float = 0.01, max_deg: float = 90.0, step_deg: float = 22.5,
                   shift_mm: float = 20.0, radius_mm: float = 60.0):
     """Search rotations (and translations) for the best starting pose of a rigid registration.
 
-    1. Rotations on a grid about the rotation centre (the start's translation kept), scored at the
-       coarsest level; translation offsets tried around the best rotations.
+    1. Rotations on a grid about the rotation centre (the start's translation kept), and the three
+       half-turns (:func:`half_turns`), scored at the coarsest level; translation offsets tried
+       around the best rotations.
     2. The ``keep`` best distinct poses and the start are refined at the coarsest level.
     3. Those that beat the start there are refined again, with the start, at the next finer
        level (``finer``) and the best there wins: the
@@ -161,6 +178,8 @@ def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str 
     for angles in rotation_grid(max_deg, step_deg):
         p = start_params.copy()
         p[:3] = angles + start_params[:3]
+        rotations.append((value(p), p))
+    for p in half_turns(start_params, coarse.centre):
         rotations.append((value(p), p))
     rotations.sort(key=lambda c: -c[0])
     shifted = []

@@ -207,18 +207,20 @@ def _corr(a, b):
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
-@pytest.mark.parametrize("which", ["moving", "fixed"])
+@pytest.mark.parametrize("which", ["moving", "moving_ras", "fixed"])
 def test_file_without_orientation_matches_itk_and_simpleitk_reproduces_the_output(case, which, capfd):
-    """The EPI is stored LPS (as DICOM-derived arrays are), so ITK's placement of the bare grid
-    (origin 0, axes along L, P, S) differs from the real one by a translation only."""
+    """Stored LPS (as DICOM-derived arrays are), ITK's placement of the bare grid (origin 0, axes
+    along L, P, S) differs from the real one by a translation (and the EPI's tilt); stored RAS
+    ('moving_ras'), by a half-turn about the vertical axis as well, which the search must find."""
     import SimpleITK as sitk
 
     epi = synthetic.reorient(case["epi"], "LPS") if which == "moving" else case["epi"]
+    which_file = "fixed" if which == "fixed" else "moving"
     t1 = synthetic.reorient(case["t1"], "LPS")
-    moving = save(epi, case["dir"] / f"noorient_{which}_epi.nii.gz", orientation=which != "moving")
-    fixed = save(t1, case["dir"] / f"noorient_{which}_t1.nii.gz", orientation=which != "fixed")
+    moving = save(epi, case["dir"] / f"noorient_{which}_epi.nii.gz", orientation=which_file != "moving")
+    fixed = save(t1, case["dir"] / f"noorient_{which}_t1.nii.gz", orientation=which_file != "fixed")
     m, out, tfm, err = register(moving, fixed, case["dir"], capfd, name=f"noorient_{which}")
-    bare = moving if which == "moving" else fixed
+    bare = moving if which_file == "moving" else fixed
     warn = [ln for ln in err.splitlines() if "warning" in ln]
     assert len(warn) == 1 and str(bare) in warn[0] and "no orientation" in warn[0], err
     # ITK's placement of the bare file, and the truth in that world
@@ -226,7 +228,7 @@ def test_file_without_orientation_matches_itk_and_simpleitk_reproduces_the_outpu
     assert itk.GetOrigin() == (0.0, 0.0, 0.0)
     placed = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.diag(list(itk.GetSpacing()) + [1.0])
     np.testing.assert_allclose(np.asarray(itk.GetDirection()).reshape(3, 3), np.eye(3))
-    if which == "moving":
+    if which_file == "moving":
         truth = placed @ np.linalg.inv(epi.vox2ras) @ case["truth"]
         brain = case["brain"]
     else:
