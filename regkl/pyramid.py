@@ -21,8 +21,6 @@ MIN_AXIS_VOXELS = 2
 #: an array axis) are left out: a 7 mm slab gets no level coarser than 3.5 mm, where a coarse grid
 #: would put only a handful of sample points inside it.
 MAX_SPACING_PER_EXTENT = 0.5
-#: A fixed level voxel counts as data when at least this fraction of its block is finite.
-MIN_FINITE_BLOCK_FRACTION = 1e-6
 
 
 def thinnest_extent_mm(volume: Volume) -> float:
@@ -64,8 +62,9 @@ def downsample(volume: Volume, spacing_mm: float) -> Volume:
 
     No axis is reduced below :data:`MIN_AXIS_VOXELS` voxels (a thin slab keeps its slices).
     Non-finite voxels are "no data": block means and smoothing are taken over finite voxels only
-    (normalised convolution), a block with less than :data:`MIN_FINITE_BLOCK_FRACTION` finite voxels
-    is NaN, and a NaN voxel stays NaN after smoothing.
+    (normalised convolution), a block without any finite voxel is NaN, and a NaN voxel stays NaN
+    after smoothing. (Requiring half of a block to be finite shrank an image with a NaN background
+    by a coarse voxel more, which lost the 12 mm level of a 69 % NaN EPI.)
 
     Parameters
     ----------
@@ -96,7 +95,7 @@ def downsample(volume: Volume, spacing_mm: float) -> Volume:
             valid = kernels.block_mean(valid, *(int(f) for f in factors))
             with np.errstate(all="ignore"):
                 data = data / valid  # mean over the block's finite voxels
-            valid = (valid >= MIN_FINITE_BLOCK_FRACTION).astype(np.float32)
+            valid = (valid > 0).astype(np.float32)
             data = np.where(valid > 0, data, np.float32(0.0))
         scale = np.eye(4)
         scale[:3, :3] = np.diag(factors)
