@@ -861,8 +861,8 @@ def load_volume(path, *, volume="mean", allow_constant: bool = False) -> Volume:
     ------
     InputError
         Missing, unreadable or invalid image (message names the file and the problem); see the
-        module docstring for every check. Warnings (NaN voxels set to 0, header fields fixed,
-        sform/qform disagreement) are issued only for an accepted image.
+        module docstring for every check. Warnings (NaN voxels kept as no data, header fields fixed,
+        no orientation, sform/qform disagreement) are issued only for an accepted image.
     """
     p = check_input_path(path)
     raw = _read(p)
