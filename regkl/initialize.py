@@ -15,13 +15,38 @@ INITS = ("com", "geometry", "header")
 SEARCH_MODES = ("none", "auto", "full")
 
 
+#: An image whose extent along one array axis is under this fraction of its largest extent is a
+#: slab: 'com' keeps the headers' placement across it.
+THIN_FRACTION = 0.2
+
+
+def thin_direction(volume: Volume):
+    """Unit world vector (3,) across a slab-shaped image's thinnest axis, or None if it is not thin
+    (see :data:`THIN_FRACTION`)."""
+    extent = np.asarray(volume.shape, dtype=np.float64) * volume.spacing
+    axis = int(np.argmin(extent))
+    if extent[axis] >= THIN_FRACTION * float(np.max(extent)):
+        return None
+    column = volume.vox2ras[:3, axis]
+    return column / np.linalg.norm(column)
+
+
 def initial_transform(moving: Volume, fixed: Volume, how: str) -> np.ndarray:
     """Starting fixed-to-moving matrix: 'com' (centres of mass), 'geometry' (grid centres) or
-    'header' (identity: trust the headers)."""
+    'header' (identity: trust the headers).
+
+    With 'com', across a slab-shaped image (:func:`thin_direction`) the headers' placement is kept:
+    the centre of mass of a few slices lies in them wherever they are in the head, so aligning it
+    with the other image's centre of mass would move them to the middle of the head.
+    """
     if how == "header":
         return np.eye(4)
     if how == "com":
         shift = moving.centre_of_mass() - fixed.centre_of_mass()
+        for vol in (moving, fixed):  # a slab's centre of mass says nothing about where it lies across its slices
+            normal = thin_direction(vol)
+            if normal is not None:
+                shift = shift - normal * float(normal @ shift)
     elif how == "geometry":
         shift = moving.centre - fixed.centre
     else:
@@ -88,13 +113,30 @@ def _distinct(candidates, min_mm, radius, limit=None):
     return kept
 
 
+def half_turns(start_params: np.ndarray, centre: np.ndarray) -> list:
+    """Rigid parameters of the start turned by 180 degrees about each fixed world axis through
+    ``centre``: an image stored upside down or back to front (as ITK places a file without
+    orientation whose axes run another way) is beyond the +-90 degree grid of :func:`rotation_grid`.
+    """
+    model = get_model("rigid")
+    start = model.matrix(start_params, centre)
+    out = []
+    for axis in np.eye(3):
+        turn = np.eye(4)
+        turn[:3, :3] = 2.0 * np.outer(axis, axis) - np.eye(3)  # rotation by pi about ``axis``
+        turn[:3, 3] = centre - turn[:3, :3] @ centre
+        out.append(model.from_matrix(start @ turn, centre))
+    return out
+
+
 def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str = "auto", keep: int = 12,
                   margin: float = 0.01, max_deg: float = 90.0, step_deg: float = 22.5,
                   shift_mm: float = 20.0, radius_mm: float = 60.0):
     """Search rotations (and translations) for the best starting pose of a rigid registration.
 
-    1. Rotations on a grid about the rotation centre (the start's translation kept), scored at the
-       coarsest level; translation offsets tried around the best rotations.
+    1. Rotations on a grid about the rotation centre (the start's translation kept), and the three
+       half-turns (:func:`half_turns`), scored at the coarsest level; translation offsets tried
+       around the best rotations.
     2. The ``keep`` best distinct poses and the start are refined at the coarsest level.
     3. Those that beat the start there are refined again, with the start, at the next finer
        level (``finer``) and the best there wins: the
@@ -136,6 +178,8 @@ def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str 
     for angles in rotation_grid(max_deg, step_deg):
         p = start_params.copy()
         p[:3] = angles + start_params[:3]
+        rotations.append((value(p), p))
+    for p in half_turns(start_params, coarse.centre):
         rotations.append((value(p), p))
     rotations.sort(key=lambda c: -c[0])
     shifted = []

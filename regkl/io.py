@@ -14,19 +14,24 @@ memory available. What is checked, and what is decided:
   gzip stream is read to its end, so a damaged stream or a failed CRC is an error, not silent
   garbage. gzip is recognised by its content, whatever the file name says.
 - Geometry: the sform when ``sform_code > 0`` (as nibabel and FSL do), else the qform when
-  ``qform_code > 0``, else the voxel sizes alone. Voxel sizes (``pixdim``) that define the
-  geometry must be positive and finite (nibabel would silently replace zeros by 1 and negatives
+  ``qform_code > 0``. Without either (and for Analyze 7.5 ``.hdr``/``.img`` files) the grid is
+  placed as ITK, ANTs and SimpleITK place it (:func:`itk_placement`), so the transform files regkl
+  writes mean the same in those tools, and a warning says so. Voxel sizes (``pixdim``) that define
+  the geometry must be positive and finite (nibabel would silently replace zeros by 1 and negatives
   by their absolute value). When both sform and qform are set and map the grid's corners more than
   :data:`SFORM_QFORM_TOL_MM` apart, the sform is used and a warning says so.
-- NaN/infinite voxels: set to 0 with a warning when they are at most half of the image, an error
-  above that (and when every voxel is NaN or infinite).
+- Shape: at least 2 voxels along each of the three axes (a single slice is refused with its shape
+  and extent in mm).
+- NaN/infinite voxels mean "no data": they are kept as NaN (a warning gives their number), left
+  out of the registration on either side and filled in resampled outputs; an image to register is
+  refused when fewer than :data:`MIN_FINITE_VOXELS` voxels are finite (and any image when none is).
 - Integer data with ``scl_slope``/``scl_inter`` are scaled (``value * slope + inter``).
 - Complex and RGB images, 2D and 5D+ images are refused.
 - Size: before any data are read, the memory needed (the file's data, a float copy and
   :data:`WORKING_COPIES` float32 copies of the 3D volume) is compared with the memory available
   (``MemAvailable``, capped by a cgroup limit; ``REGKL_MEMORY_LIMIT_GB`` overrides) and the image
   is refused with both figures when it does not fit.
-- Warnings (NaN voxels, header fields nibabel had to fix, sform/qform disagreement) are issued
+- Warnings (NaN voxels, header fields nibabel had to fix, sform/qform disagreement, no orientation) are issued
   only when the image is accepted, so a refused image gives exactly one line: its error.
 """
 
@@ -59,8 +64,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 WORKING_COPIES = 4
 #: sform and qform further apart than this (mm, at the grid's corners) give a warning.
 SFORM_QFORM_TOL_MM = 1e-3
-#: Fraction of NaN/infinite voxels above which an image is refused (below: set to 0, warning).
-MAX_NONFINITE_FRACTION = 0.5
+#: Fewest finite voxels an image to register may have (NaN/infinite voxels are no data).
+MIN_FINITE_VOXELS = 512
 #: Largest plausible NIfTI ``vox_offset`` (bytes of header and extensions before the data).
 MAX_VOX_OFFSET = 64 << 20
 
@@ -467,7 +472,31 @@ def _nifti_affine(hdr, shape, notes):
             return sform, "voxel-to-world matrix (sform)"
         if qcode > 0:
             return hdr.get_qform(), "voxel-to-world matrix (qform)"
-        return hdr.get_base_affine(), "voxel-to-world matrix (from voxel sizes; no sform or qform)"
+        notes.append(NO_ORIENTATION_NOTE.format(what="header has no orientation (qform_code and sform_code are 0)"))
+        return itk_placement(hdr.get_zooms()), "voxel-to-world matrix (from voxel sizes; no sform or qform)"
+
+
+#: The warning for an image whose header gives no orientation (``what`` says which header).
+NO_ORIENTATION_NOTE = ("{what}: placed as ITK, ANTs and SimpleITK place it (voxel 0 at the world origin, axes toward "
+                       "left, posterior, superior), so regkl's transform files mean the same in those tools; "
+                       "nibabel, FSL and SPM place it differently: give the image a qform/sform if that matters")
+
+
+def itk_placement(zooms) -> np.ndarray:
+    """vox2ras (4, 4) that ITK (and so ANTs and SimpleITK) gives an image without orientation.
+
+    ITK reads a NIfTI file with ``qform_code = sform_code = 0``, and an Analyze 7.5 file, with
+    origin 0 and identity direction in its LPS world: RAS ``diag(-dx, -dy, dz)``. nibabel instead
+    centres the grid and flips only x (Analyze's LAS), which would make every transform regkl
+    writes mean something else in the tools that read it.
+
+    Parameters
+    ----------
+    zooms : sequence of float
+        Voxel sizes (mm); the first three are used (1 for missing ones).
+    """
+    dx, dy, dz = (list(float(abs(z)) for z in tuple(zooms)[:3]) + [1.0, 1.0, 1.0])[:3]
+    return np.diag([-dx, -dy, dz, 1.0])
 
 
 def _read_nifti(path: Path) -> _Raw:
@@ -570,14 +599,22 @@ def _read_nifti_pair(path: Path) -> _Raw:
         check_memory(shape, dtype, path, scaled=True)
         try:
             data = np.asanyarray(img.dataobj)  # read here, inside the try, not lazily later
-            vox2ras = img.affine
+            vox2ras, name = img.affine, "voxel-to-world matrix"
+            hdr = img.header
+            if not isinstance(hdr, nib.Nifti1Header):
+                notes.append(NO_ORIENTATION_NOTE.format(what="Analyze 7.5 file (its header has no orientation)"))
+                vox2ras, name = itk_placement(hdr.get_zooms()), "voxel-to-world matrix (from voxel sizes)"
+            elif int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
+                notes.append(NO_ORIENTATION_NOTE.format(
+                    what="header has no orientation (qform_code and sform_code are 0)"))
+                vox2ras, name = itk_placement(hdr.get_zooms()), "voxel-to-world matrix (from voxel sizes)"
         except MemoryError as exc:
             raise InputError("not enough memory to read the image", path=path) from exc
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"cannot read as NIfTI: {_short(exc)}", path=path) from exc
     if vox2ras is None:
         raise InputError("image has no voxel-to-world matrix", path=path)
-    return _Raw(data, vox2ras, img.header.copy(), "voxel-to-world matrix", notes)
+    return _Raw(data, vox2ras, img.header.copy(), name, notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -730,27 +767,37 @@ def _squeeze(data: np.ndarray) -> np.ndarray:
     return data
 
 
-def _check_shape3(shape, path):
+def _check_dims(shape, path):
     if len(shape) != 3:
         raise InputError(f"expected a 3D or 4D image, got {len(shape)}D with shape {shape}", path=path)
+
+
+def _check_extent(shape, vox2ras, path):
+    """Refuse a grid with a single voxel along an axis (one slice), with its shape and extent in mm."""
     if min(shape) < 2:
-        raise InputError(f"image is too small to register (shape {shape}); a 3D volume needs at "
+        extent = np.asarray(shape, dtype=np.float64) * np.linalg.norm(np.asarray(vox2ras)[:3, :3], axis=0)
+        what = "a single slice" if sorted(shape)[1] >= 2 else "a single line or voxel"
+        raise InputError(f"image is {what}: {'x'.join(map(str, shape))} voxels covering "
+                         f"{' x '.join(f'{e:.4g}' for e in extent)} mm; registration needs a 3D volume with at "
                          "least 2 voxels along each axis", path=path)
 
 
-def _clean(data: np.ndarray, path: str, notes: list) -> np.ndarray:
-    """float32 C-ordered copy with NaN/infinite voxels set to 0 (a note), or InputError when too many."""
+def _clean(data: np.ndarray, path: str, notes: list, *, min_finite: int = 1) -> np.ndarray:
+    """float32 C-ordered copy; NaN/infinite voxels become NaN ("no data", a note), or InputError
+    when fewer than ``min_finite`` voxels are finite."""
     data = np.ascontiguousarray(data, dtype=np.float32)  # one pass: convert and reorder (NIfTI is F-ordered)
     finite = np.isfinite(data)
-    n_bad = int(data.size - np.count_nonzero(finite))
+    n_good = int(np.count_nonzero(finite))
+    n_bad = int(data.size - n_good)
     if n_bad:
-        if n_bad == data.size:
+        if n_good == 0:
             raise InputError("every voxel is NaN or infinite", path=path)
-        if n_bad > data.size * MAX_NONFINITE_FRACTION:
-            raise InputError(f"{n_bad} of {data.size} voxels are NaN or infinite (more than "
-                             f"{MAX_NONFINITE_FRACTION:.0%})", path=path)
-        notes.append(f"{n_bad} NaN/infinite voxels ({n_bad / data.size:.2%}) set to 0")
-        data = np.where(finite, data, np.float32(0.0))
+        if n_good < min_finite:
+            raise InputError(f"only {n_good} of {data.size} voxels are finite (the others are NaN or infinite, "
+                             f"meaning no data); at least {min_finite} are needed to register", path=path)
+        notes.append(f"{n_bad} NaN/infinite voxels ({n_bad / data.size:.1%}) are treated as no data (left out of "
+                     "the registration; resampled outputs have the fill value there)")
+        data = np.where(finite, data, np.float32(np.nan))
     return data
 
 
@@ -780,14 +827,16 @@ def _finish(raw: _Raw, path: str, volume, allow_constant=False) -> Volume:
         raise InputError(f"{data.ndim}D images are not supported (shape {data.shape})", path=path)
     if data.ndim < 3:
         raise InputError(f"expected a 3D or 4D image, got {data.ndim}D with shape {data.shape}", path=path)
-    _check_shape3(data.shape[:3], path)
+    _check_dims(data.shape[:3], path)
     vox2ras = check_vox2ras(raw.vox2ras, name=raw.matrix_name, path=path)
+    _check_extent(data.shape[:3], vox2ras, path)
     note = ""
     if data.ndim == 4:
         data, note = _reduce_4d(data, volume, path)
-    data = _clean(data, path, raw.notes)
-    if not allow_constant and float(data.max()) == float(data.min()):
-        raise InputError(f"image is constant (every voxel is {float(data.min()):g})", path=path)
+    data = _clean(data, path, raw.notes, min_finite=1 if allow_constant else MIN_FINITE_VOXELS)
+    if not allow_constant and float(np.nanmax(data)) == float(np.nanmin(data)):
+        raise InputError(f"image is constant (every {'finite ' if np.isnan(data).any() else ''}voxel is "
+                         f"{float(np.nanmin(data)):g})", path=path)
     return Volume(data, vox2ras, path, note, raw.header)
 
 
@@ -812,8 +861,8 @@ def load_volume(path, *, volume="mean", allow_constant: bool = False) -> Volume:
     ------
     InputError
         Missing, unreadable or invalid image (message names the file and the problem); see the
-        module docstring for every check. Warnings (NaN voxels set to 0, header fields fixed,
-        sform/qform disagreement) are issued only for an accepted image.
+        module docstring for every check. Warnings (NaN voxels kept as no data, header fields fixed,
+        no orientation, sform/qform disagreement) are issued only for an accepted image.
     """
     p = check_input_path(path)
     raw = _read(p)
@@ -868,8 +917,9 @@ def _series(raw: _Raw, p: Path):
     data = _squeeze(raw.data)
     if data.ndim not in (3, 4):
         raise InputError(f"expected a 3D or 4D image, got {data.ndim}D with shape {data.shape}", path=p)
-    _check_shape3(data.shape[:3], str(p))
+    _check_dims(data.shape[:3], str(p))
     vox2ras = check_vox2ras(raw.vox2ras, name=raw.matrix_name, path=p)
+    _check_extent(data.shape[:3], vox2ras, str(p))
     data = _clean(data, str(p), raw.notes)
     header = raw.header
     if data.ndim == 3:

@@ -44,7 +44,9 @@ def auto_mask(volume: Volume, *, dilate_mm: float = 4.0) -> Volume:
         float32 0/1 mask on ``volume``'s grid.
     """
     spacing = volume.spacing
-    smooth = ndimage.gaussian_filter(volume.data, np.maximum(2.0 / spacing, 0.5))
+    finite = np.isfinite(volume.data)  # NaN is no data: background, not a hole spreading through the filter
+    data = volume.data if finite.all() else np.where(finite, volume.data, np.min(volume.data[finite]))
+    smooth = ndimage.gaussian_filter(data, np.maximum(2.0 / spacing, 0.5))
     fg = smooth > otsu_threshold(smooth)
     labels, n = ndimage.label(fg)
     if n == 0:

@@ -9,7 +9,7 @@ import numpy as np
 from scipy import optimize as sopt
 
 from . import histogram, masks, pyramid
-from .errors import InputError, RegistrationError
+from .errors import InputError, KernelInputError, RegistrationError
 from .initialize import SEARCH_MODES, SearchReport, global_search, initial_transform  # noqa: F401
 from .metrics import NATIVE_FIXED_METRICS, get_metric
 from .transforms import get_model, rms_displacement
@@ -97,7 +97,8 @@ class _Objective:
     :class:`RegistrationError`, so no registration can run forever.
     """
 
-    def __init__(self, samples, moving_level, model, metric_fn, centre, scales, deadline=None, tol_mm=0.0):
+    def __init__(self, samples, moving_level, model, metric_fn, centre, scales, deadline=None, tol_mm=0.0,
+                 min_valid=None):
         self.samples = samples
         self.tol_mm = float(tol_mm)
         self.moving = moving_level
@@ -107,7 +108,7 @@ class _Objective:
         self.scales = scales
         self.deadline = deadline
         self.evaluations = 0
-        self.min_valid = max(64, int(MIN_OVERLAP * samples.points.shape[0]))
+        self.min_valid = max(64, int(MIN_OVERLAP * samples.points.shape[0])) if min_valid is None else int(min_valid)
 
     def metric_at(self, params):
         if self.deadline is not None and time.perf_counter() > self.deadline:
@@ -135,7 +136,7 @@ class _Objective:
     def with_model(self, model, scales):
         """The same level's data for another transform model."""
         return _Objective(self.samples, self.moving, model, self.metric_fn, self.centre, scales, self.deadline,
-                          self.tol_mm)
+                          self.tol_mm, self.min_valid)
 
 
 @dataclass(frozen=True)
@@ -145,30 +146,100 @@ class _Level:
     moving: histogram.MovingLevel
     fixed_image: Volume
     moving_image: Volume
+    #: Sample points that must fall inside the moving image for a metric value.
+    min_valid: int = 64
 
 
-def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask, native_finest=False):
+#: Fewest fixed sample points a level may have: a coarser level with fewer is left out, a finest
+#: level with fewer is refused.
+MIN_LEVEL_POINTS = 64
+
+
+def reachable_fraction(fixed: Volume, moving: Volume) -> float:
+    """Largest fraction of the fixed image's sample points that can fall inside the moving image:
+    ``min(1, moving field-of-view volume / fixed field-of-view volume)``.
+
+    :data:`MIN_OVERLAP` is taken of this fraction, so a moving image much smaller than the fixed
+    one (a slab of a few slices) is not refused for an overlap it can never have.
+    """
+    def fov(v):
+        return float(np.prod(np.asarray(v.shape, dtype=np.float64) * v.spacing))
+
+    return min(1.0, fov(moving) / fov(fixed))
+
+
+def _too_few_points(fixed, moving, spacing, n, sampling, fixed_mask, roles):
+    """InputError for a finest level with fewer than MIN_LEVEL_POINTS sample points, in the user's terms
+    (``roles``: what the user calls the sampled image and the other one)."""
+    limiting = roles[1] if float(np.min(moving.spacing)) > float(np.min(fixed.spacing)) else roles[0]
+    vox = "x".join(f"{v:.4g}" for v in fixed.spacing)
+    where = f" inside the {roles[0]} mask" if fixed_mask is not None else ""
+    text = (f"only {n} sample points{where} (at least {MIN_LEVEL_POINTS} are needed): the {roles[0]} image "
+            f"({'x'.join(map(str, fixed.shape))} voxels of {vox} mm) is sampled at {spacing:.4g} mm, the voxel size "
+            f"of the {limiting} image")
+    if sampling < 1.0:
+        text += f", keeping a fraction {sampling:g} of the points (--sampling)"
+    if sampling < 1.0 and n / sampling >= 2 * MIN_LEVEL_POINTS:
+        text += f"; use --sampling {min(1.0, 2 * MIN_LEVEL_POINTS * sampling / max(n, 1)):.2g} or more"
+    return InputError(text, path=fixed.name)
+
+
+def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask, native_finest=False,
+                  roles=("fixed", "moving")):
     """Pyramid levels, coarse to fine. With ``native_finest`` (the metrics in
     :data:`regkl.metrics.NATIVE_FIXED_METRICS`), the finest level's sample points keep their
-    positions but take their fixed intensities from ``fixed`` itself, unsmoothed."""
+    positions but take their fixed intensities from ``fixed`` itself, unsmoothed.
+
+    Non-finite voxels are no data on both sides: fixed sample points that touch one are left out,
+    and moving points whose interpolation touches one count as outside the moving image
+    (:func:`regkl.pyramid.no_data_mask`, applied like a moving mask). A coarse level with fewer than
+    :data:`MIN_LEVEL_POINTS` sample points is left out; a finest one is refused. ``roles``: what the
+    user calls ``fixed`` and ``moving``, for messages (they differ when registering the other way)."""
     levels = []
+    reach = reachable_fraction(fixed, moving)
     for li, spacing in enumerate(spacings):
+        finest = li == len(spacings) - 1
         flev = pyramid.downsample(fixed, spacing)
         mlev = pyramid.downsample(moving, spacing)
         pts, vals = pyramid.sample_grid(flev, sampling, rng)
-        if native_finest and li == len(spacings) - 1:
+        if native_finest and finest:
             vals = pyramid.values_at(fixed, pts)
+            keep = np.isfinite(vals)
+            pts, vals = pts[keep], vals[keep]
         if fixed_mask is not None:
             keep = masks.values_at(fixed_mask, pts) >= 0.5
             if np.count_nonzero(keep) < 64:
-                raise InputError(f"fixed mask keeps only {np.count_nonzero(keep)} sample points at "
-                                 f"{spacing:g} mm; it does not overlap the fixed image", path=fixed_mask.name)
+                raise InputError(f"{roles[0]} mask keeps only {np.count_nonzero(keep)} sample points at "
+                                 f"{spacing:g} mm; it does not overlap the {roles[0]} image", path=fixed_mask.name)
             pts, vals = pts[keep], vals[keep]
+        if len(pts) < MIN_LEVEL_POINTS:
+            if not finest:
+                continue
+            raise _too_few_points(fixed, moving, spacing, len(pts), sampling, fixed_mask, roles)
         mmask = None if moving_mask is None else masks.on_grid(moving_mask, mlev)
         if mmask is not None and not np.any(mmask > 0):
-            raise InputError("moving mask does not overlap the moving image", path=moving_mask.name)
-        levels.append(_Level(float(spacing), histogram.make_samples(pts, vals, bins),
-                             histogram.make_moving_level(mlev, bins, mask=mmask), flev, mlev))
+            raise InputError(f"{roles[1]} mask does not overlap the {roles[1]} image", path=moving_mask.name)
+        nodata = pyramid.no_data_mask(mlev)
+        mdata = mlev
+        if nodata is not None:
+            if not np.any(nodata > 0):
+                raise InputError(f"{roles[1]} image has no finite voxel away from its NaN/infinite ones at "
+                                 f"{spacing:g} mm", path=moving.name)
+            mmask = nodata if mmask is None else mmask * nodata
+            mdata = mlev.with_data(np.where(nodata > 0, mlev.data, np.float32(0.0)))
+        try:
+            samples = histogram.make_samples(pts, vals, bins)
+        except KernelInputError as exc:
+            raise InputError(f"{roles[0]} image has no contrast at its {len(pts)} sample points"
+                             f"{f' inside the {roles[0]} mask' if fixed_mask is not None else ''} ({exc.problem})",
+                             path=fixed.name) from exc
+        try:
+            mlevel = histogram.make_moving_level(mdata, bins, mask=mmask)
+        except KernelInputError as exc:
+            raise InputError(f"{roles[1]} image has no contrast{f' inside the {roles[1]} mask' if moving_mask else ''} "
+                             f"({exc.problem})", path=moving.name) from exc
+        levels.append(_Level(float(spacing), samples, mlevel, flev, mlev,
+                             max(64, int(MIN_OVERLAP * reach * len(pts)))))
     return levels
 
 
@@ -297,10 +368,56 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
         Unknown model, metric or search mode, settings out of range, unusable images.
     RegistrationError
         The images do not overlap, or the time limit was reached.
+
+    Notes
+    -----
+    A moving image whose field of view is less than :data:`SWAP_BELOW` of the fixed image's (a
+    slab of a few slices) is registered the other way, the fixed image onto it, and the result is
+    inverted: sampling the small image puts every sample point where there is data, where sampling
+    the large one would spend almost every point outside it. The masks swap roles with the images
+    (each still belongs to its image), the prior is transposed, and ``settings`` records it.
     """
     moving, fixed = as_volume(moving, what="moving"), as_volume(fixed, what="fixed")
     fixed_mask = None if fixed_mask is None else as_volume(fixed_mask, what="fixed_mask", allow_constant=True)
     moving_mask = None if moving_mask is None else as_volume(moving_mask, what="moving_mask", allow_constant=True)
+    options = dict(model=model, metric=metric, bins=bins, sampling=sampling, levels=levels, init=init,
+                   init_fixed2moving=init_fixed2moving, search=search, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                   auto_mask=auto_mask, prior=prior, seed=seed, max_iter=max_iter, max_seconds=max_seconds,
+                   confidence=confidence, log=log)
+    fraction = reachable_fraction(fixed, moving)
+    if fraction < SWAP_BELOW:
+        return _register_other_way(moving, fixed, fraction, options)
+    return _register(moving, fixed, **options)
+
+
+#: A moving image whose field of view is under this fraction of the fixed image's is registered the
+#: other way (see :func:`register`).
+SWAP_BELOW = 0.2
+
+
+def _register_other_way(moving, fixed, fraction, options) -> Result:
+    """Register ``fixed`` onto ``moving`` and invert the result (see :func:`register`)."""
+    say = options["log"] or (lambda msg: None)
+    say(f"the moving image covers {100 * fraction:.2g} % of the fixed image's field of view: registering the fixed image "
+        "onto it and inverting the result, so that the sample points fall where the moving image has data")
+    swapped = dict(options, fixed_mask=options["moving_mask"], moving_mask=options["fixed_mask"])
+    if options["init_fixed2moving"] is not None:
+        swapped["init_fixed2moving"] = np.linalg.inv(np.asarray(options["init_fixed2moving"], dtype=np.float64))
+    if options["prior"] is not None:
+        swapped["prior"] = np.asarray(options["prior"]).T
+    res = _register(fixed, moving, **swapped, roles=("moving", "fixed"))
+    matrix = np.linalg.inv(res.fixed2moving)
+    centre = res.fixed2moving[:3, :3] @ res.centre + res.fixed2moving[:3, 3]
+    settings = dict(res.settings, registered_other_way=True,
+                    fixed_mask=res.settings.get("moving_mask"), moving_mask=res.settings.get("fixed_mask"))
+    return replace(res, fixed2moving=matrix, init_fixed2moving=np.linalg.inv(res.init_fixed2moving),
+                   params=get_model(res.model).from_matrix(matrix, centre), centre=centre, settings=settings)
+
+
+def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, levels, init, init_fixed2moving,
+              search, fixed_mask, moving_mask, auto_mask, prior, seed, max_iter, max_seconds, confidence,
+              log, roles=("fixed", "moving")) -> Result:
+    """:func:`register` with the roles as given (``roles``: what the user calls ``fixed`` and ``moving``)."""
     t0 = time.perf_counter()
     deadline = None if max_seconds is None else t0 + float(max_seconds)
     say = log or (lambda msg: None)
@@ -320,7 +437,13 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
 
     fixed_mask, moving_mask = masks.prepare_masks(fixed, moving, fixed_mask, moving_mask, auto_mask)
     lvls = _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask,
-                         native_finest=metric in NATIVE_FIXED_METRICS)
+                         native_finest=metric in NATIVE_FIXED_METRICS, roles=roles)
+    if levels is not None and len(lvls) < levels:
+        say(f"using {len(lvls)} of the {levels} levels asked for ({', '.join(f'{lv.spacing:g}' for lv in lvls)} "
+            f"mm): a coarser level would average away a thin field of view "
+            f"(thinnest: {roles[1]} {pyramid.thinnest_extent_mm(moving):.3g} mm, {roles[0]} "
+            f"{pyramid.thinnest_extent_mm(fixed):.3g} mm) or keep too few sample points")
+    spacings = [lv.spacing for lv in lvls]
 
     finest_fixed = lvls[-1].fixed_image
     centre = finest_fixed.centre_of_mass()
@@ -335,16 +458,19 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
 
     def objective(level, mdl, step_tol=STEP_TOL):
         return _Objective(level.samples, level.moving, mdl, metric_fn, centre, mdl.scales(radius), deadline,
-                          step_tol * level.spacing)
+                          step_tol * level.spacing, level.min_valid)
 
     first = objective(lvls[0], stage_models[0])
     p0 = stage_models[0].from_matrix(start, centre)
     value0, ev0, _ = first.metric_at(p0)
     if ev0.n_valid < first.min_valid:
+        advice = [opt for opt, used in (("--init com", init == "com" or init_fixed2moving is not None),
+                                        ("--search full", search == "full")) if not used]
         raise RegistrationError(
-            f"the images do not overlap at the start ({ev0.n_valid} of {len(first.samples.points)} fixed sample "
-            f"points fall inside the moving image{' mask' if moving_mask is not None else ''}); "
-            "check the headers, or use --init com / --search full")
+            f"the images do not overlap at the start ({ev0.n_valid} of {len(first.samples.points)} {roles[0]} "
+            f"sample points fall inside the {roles[1]} image{' mask' if moving_mask is not None else ''}, at least "
+            f"{first.min_valid} are needed); check the headers{''.join(', or use ' + a for a in advice[:1])}"
+            f"{''.join(' / ' + a for a in advice[1:])}")
 
     matrix = start
     reports = []
@@ -410,7 +536,7 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
         stages=tuple(m.name for m in stage_models), search=search_report, confidence=conf,
         settings={"bins": bins, "sampling": sampling, "levels": len(spacings), "spacings_mm": spacings,
                   "seed": seed, "max_iter": max_iter, "max_seconds": max_seconds, "search": search,
-                  "auto_mask": auto_mask,
+                  "auto_mask": auto_mask, "registered_other_way": False,
                   "fixed_mask": None if fixed_mask is None else fixed_mask.name,
                   "moving_mask": None if moving_mask is None else moving_mask.name},
     )
@@ -448,7 +574,7 @@ class MetricProbe:
         self.level = _build_levels(moving, fixed, spacing, bins, sampling, np.random.default_rng(seed),
                                    fixed_mask, moving_mask, native_finest=metric in NATIVE_FIXED_METRICS)[0]
         self.n_points = len(self.level.samples.points)
-        self.min_valid = max(64, int(MIN_OVERLAP * self.n_points))
+        self.min_valid = self.level.min_valid
 
     def __call__(self, fixed2moving: np.ndarray):
         """(metric value, or None where fewer than ``min_valid`` points overlap; overlap fraction; points inside)."""

@@ -43,8 +43,8 @@ def _robust_norm(data: np.ndarray) -> np.ndarray:
     fg = data[data > 0]
     if fg.size < 100:
         fg = data.ravel()
-    lo, hi = np.percentile(fg, [1, 99.5])
-    return np.clip((data - lo) / max(hi - lo, 1e-12), 0, 1)
+    lo, hi = np.nanpercentile(fg, [1, 99.5])
+    return np.nan_to_num(np.clip((data - lo) / max(hi - lo, 1e-12), 0, 1), nan=0.0)  # NaN: no data, shown black
 
 
 def edges(data: np.ndarray, *, sigma: float = 1.0, quantile: float = 85.0) -> np.ndarray:

@@ -21,6 +21,10 @@ def resample(moving: Volume | str, grid: Volume | str, fixed2moving: np.ndarray,
              fill: float = 0.0) -> Volume:
     """Resample ``moving`` on the voxel grid of ``grid`` (usually the fixed image).
 
+    NaN voxels of ``moving`` mean "no data" (see :mod:`regkl.io`): an output voxel whose
+    interpolation would read one (any of the 8 neighbours for 'linear' and 'cubic', the nearest
+    voxel for 'nearest') gets ``fill``, like a voxel outside the moving image's field of view.
+
     Parameters
     ----------
     moving : Volume, nibabel image or path
@@ -30,7 +34,8 @@ def resample(moving: Volume | str, grid: Volume | str, fixed2moving: np.ndarray,
         RAS mm, grid world -> moving world.
     interp : {'nearest', 'linear', 'cubic'}
     fill : float
-        Value outside the moving image.
+        Value outside the moving image and on its NaN voxels (ANTs ``--default-value``,
+        SimpleITK ``defaultPixelValue``).
 
     Returns
     -------
@@ -43,27 +48,47 @@ def resample(moving: Volume | str, grid: Volume | str, fixed2moving: np.ndarray,
     grid = as_volume(grid, what="grid", allow_constant=True)
     m = np.ascontiguousarray(vox2vox(moving, grid, fixed2moving))
     s0, s1, s2 = grid.shape
+    has_nan = not bool(np.isfinite(moving.data).all())  # NaN (and infinite, from the API) voxels: no data
     if interp == "linear":
         out = kernels.resample_linear(moving.data, m, s0, s1, s2, np.float32(fill))
     elif interp == "nearest":
         out = kernels.resample_nearest(moving.data, m, s0, s1, s2, np.float32(fill))  # keeps the values
     else:
-        coeffs = ndimage.spline_filter(moving.data, order=3, mode="mirror")
-        out = np.empty(grid.shape, dtype=np.float32)
-        jj, kk = np.meshgrid(np.arange(s1), np.arange(s2), indexing="ij")
-        plane = np.stack([np.zeros_like(jj), jj, kk, np.ones_like(jj)], axis=0).reshape(4, -1).astype(np.float64)
-        lim = np.asarray(moving.shape)[:, None] - 0.5
-        for i in range(s0):
-            plane[0] = i
-            coords = (m @ plane)[:3]
-            vals = ndimage.map_coordinates(coeffs, coords, order=3, mode="mirror", prefilter=False)
-            inside = np.all((coords >= -0.5) & (coords <= lim), axis=0)
-            out[i] = np.where(inside, vals, fill).reshape(s1, s2)
+        out = _resample_cubic(_nan_to_nearest(moving.data) if has_nan else moving.data, m, grid.shape, fill)
+        if has_nan:  # the linear result is not finite exactly where the 8 neighbours include such a voxel
+            out[~np.isfinite(kernels.resample_linear(moving.data, m, s0, s1, s2, np.float32(0.0)))] = np.nan
+    if has_nan:
+        out[~np.isfinite(out)] = np.float32(fill)
     return Volume(out, grid.vox2ras, moving.name, f"resampled on {grid.name}", grid.header)
 
 
+def _nan_to_nearest(data: np.ndarray) -> np.ndarray:
+    """``data`` with every non-finite voxel replaced by the nearest finite one (for spline prefiltering,
+    which would spread a NaN over the whole image)."""
+    nan = ~np.isfinite(data)
+    idx = ndimage.distance_transform_edt(nan, return_distances=False, return_indices=True)
+    return data[tuple(idx)]
+
+
+def _resample_cubic(data, m, shape, fill) -> np.ndarray:
+    """Cubic B-spline resampling, plane by plane; ``fill`` outside [-0.5, n - 0.5] on any axis."""
+    s0, s1, s2 = shape
+    coeffs = ndimage.spline_filter(data, order=3, mode="mirror")
+    out = np.empty(shape, dtype=np.float32)
+    jj, kk = np.meshgrid(np.arange(s1), np.arange(s2), indexing="ij")
+    plane = np.stack([np.zeros_like(jj), jj, kk, np.ones_like(jj)], axis=0).reshape(4, -1).astype(np.float64)
+    lim = np.asarray(data.shape)[:, None] - 0.5
+    for i in range(s0):
+        plane[0] = i
+        coords = (m @ plane)[:3]
+        vals = ndimage.map_coordinates(coeffs, coords, order=3, mode="mirror", prefilter=False)
+        inside = np.all((coords >= -0.5) & (coords <= lim), axis=0)
+        out[i] = np.where(inside, vals, fill).reshape(s1, s2)
+    return out
+
+
 def apply_to_series(volumes, reference: Volume, fixed2moving: np.ndarray, *, interp: str = "linear",
-                    inverse: bool = False):
+                    inverse: bool = False, fill: float = 0.0):
     """Resample every volume of a series on ``reference``'s grid.
 
     Parameters
@@ -77,6 +102,8 @@ def apply_to_series(volumes, reference: Volume, fixed2moving: np.ndarray, *, int
         live in the fixed image's world and ``reference`` is a grid in the moving image's world.
     interp : {'nearest', 'linear', 'cubic'}
         'nearest' keeps the input's values and type (label maps).
+    fill : float
+        Value outside the volumes' field of view and on their NaN voxels (see :func:`resample`).
 
     Returns
     -------
@@ -86,5 +113,5 @@ def apply_to_series(volumes, reference: Volume, fixed2moving: np.ndarray, *, int
     m = np.asarray(fixed2moving, dtype=np.float64)
     if inverse:
         m = np.linalg.inv(m)
-    out = [resample(v, reference, m, interp=interp).data for v in volumes]
+    out = [resample(v, reference, m, interp=interp, fill=fill).data for v in volumes]
     return out[0] if len(out) == 1 else np.stack(out, axis=-1)

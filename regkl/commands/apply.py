@@ -18,6 +18,9 @@ from ._common import check_output, format_option, log
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Resampled image (NIfTI for 4D).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear", show_default=True,
               help="Interpolation; nearest keeps the values and data type (label maps).")
+@click.option("--fill", default=0.0, show_default=True, type=float,
+              help="Output value outside MOVING's field of view and on its NaN (no-data) voxels (e.g. -1024 for CT "
+                   "in Hounsfield units; ANTs --default-value).")
 @click.option("--inverse", is_flag=True, help="Apply the transform the other way (fixed-space image onto a "
               "moving-space grid).")
 @format_option("--format", "--transform-format", help_text="Format of TRANSFORM when its content and suffix do not "
@@ -25,7 +28,7 @@ from ._common import check_output, format_option, log
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def apply_cmd(transform, moving, reference, output, interp, inverse, fmt, as_json, quiet, debug):
+def apply_cmd(transform, moving, reference, output, interp, fill, inverse, fmt, as_json, quiet, debug):
     """Apply a saved TRANSFORM to MOVING (3D or a whole 4D series), on REFERENCE's grid.
 
     TRANSFORM is fixed->moving as `regkl register` writes it: regkl's RAS matrix, any linear ITK
@@ -49,8 +52,9 @@ def apply_cmd(transform, moving, reference, output, interp, inverse, fmt, as_jso
     ref = load_volume(reference, volume=0, allow_constant=True)
     # FSL/AFNI matrices relate the two grids: REFERENCE is the fixed one (the moving one with --inverse)
     matrix = transform_file.fixed2moving(*((volumes[0], ref) if inverse else (ref, volumes[0])))
-    out = apply_to_series(volumes, ref, matrix, interp=interp, inverse=inverse)
     dtype = volumes[0].data.dtype if interp != "nearest" else _stored_dtype(header, volumes[0].data.dtype)
+    _check_fill_fits(fill, dtype, moving)
+    out = apply_to_series(volumes, ref, matrix, interp=interp, inverse=inverse, fill=fill)
     zooms_t = float(header.get_zooms()[3]) if header is not None and len(header.get_zooms()) > 3 else None
     save_array(out, ref.vox2ras, output, like=ref, protect=(moving, reference, transform),
                dtype=np.float32 if interp != "nearest" else dtype, zooms_t=zooms_t)
@@ -58,8 +62,19 @@ def apply_cmd(transform, moving, reference, output, interp, inverse, fmt, as_jso
     if as_json:
         click.echo(json.dumps({"transform": transform, "transform_format": transform_file.format, "moving": moving,
                                "reference": reference, "output": output,
-                               "volumes": len(volumes), "interp": interp, "inverse": inverse,
+                               "volumes": len(volumes), "interp": interp, "fill": fill, "inverse": inverse,
                                "seconds": round(time.perf_counter() - t0, 4)}))
+
+
+def _check_fill_fits(fill, dtype, moving):
+    """Refuse a --fill that the (integer) output type of --interp nearest cannot hold."""
+    from ..errors import InputError
+
+    if np.dtype(dtype).kind in "biu":
+        info = np.iinfo(dtype)
+        if not (np.isfinite(fill) and info.min <= fill <= info.max and float(fill).is_integer()):
+            raise InputError(f"--fill {fill:g} cannot be stored in this image's {np.dtype(dtype).name} data "
+                             f"(--interp nearest keeps the data type; integers {info.min} to {info.max})", path=moving)
 
 
 def _stored_dtype(header, default):

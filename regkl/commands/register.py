@@ -78,6 +78,9 @@ Examples:
               help="4D moving image reduced by mean, median or a volume index N (0-based).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear",
               show_default=True, help="Interpolation of the output image.")
+@click.option("--fill", default=0.0, show_default=True, type=float,
+              help="Output value where the fixed grid falls outside the moving image or on its NaN (no-data) "
+                   "voxels (e.g. -1024 for CT in Hounsfield units; ANTs --default-value).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the point sampling.")
 @click.option("--max-iter", default=100, show_default=True, type=int, help="Optimiser iterations per level.")
 @click.option("--max-seconds", default=600.0, show_default=True, type=float,
@@ -92,7 +95,7 @@ Examples:
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transform, init_fmt, qc_out, model, metric,
              prior, bins, sampling, levels, init, search, fixed_mask, moving_mask, auto_mask, moving_volume, interp,
-             seed, max_iter, max_seconds, threads, confidence, fail_on_suspect, as_json, quiet, debug):
+             fill, seed, max_iter, max_seconds, threads, confidence, fail_on_suspect, as_json, quiet, debug):
     """Register MOVING (e.g. an EPI, 3D or 4D) to FIXED (e.g. a T1).
 
     Writes the moving image resampled on the fixed grid (-o), the transform (--transform-out: ITK,
@@ -150,7 +153,7 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
                 save_transform(path, result.fixed2moving, path_fmt, fixed=fixed_vol, moving=moving_vol,
                                protect=inputs)
         if output or qc_out:
-            registered = resample(moving_vol, fixed_vol, result.fixed2moving, interp=interp)
+            registered = resample(moving_vol, fixed_vol, result.fixed2moving, interp=interp, fill=fill)
         if output:
             save_volume(registered, output, like=fixed_vol, protect=inputs)
         if qc_out:
