@@ -300,7 +300,8 @@ def write_summary(rows, out_dir, *, protect=()) -> tuple:
 
     lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(cell(r.get(c)) for c in SUMMARY_COLUMNS) for r in rows]
     with atomic_path(tsv, protect=protect) as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        # a file name that is not UTF-8 keeps its exact bytes (Python holds them as surrogates)
+        Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
     with atomic_path(js, protect=protect) as tmp:
         Path(tmp).write_text(json.dumps(rows, indent=2), encoding="utf-8")
     return tsv, js

@@ -337,7 +337,9 @@ def write_report(rows, path, *, title: str = "regkl batch report", source: str =
 
     page = render(rows, title=title, source=source)
     with atomic_path(path, protect=protect) as tmp:
-        Path(tmp).write_text(page, encoding="utf-8")
+        # file names that are not UTF-8: their odd bytes shown as \xNN (the page stays valid UTF-8)
+        Path(tmp).write_text(page.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
+                             encoding="utf-8")
     return Path(path)
 
 
@@ -366,4 +368,26 @@ def load_summary(path) -> tuple:
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "status" in r and "moving" in r for r in rows):
         raise InputError("not a regkl batch summary (expected a JSON list of pair records with 'status' and "
                          "'moving')", path=p)
+    for i, row in enumerate(rows, 1):
+        for key, value in row.items():
+            expected = SUMMARY_FIELD_TYPES.get(key)
+            if expected is None or value is None:
+                continue
+            name, ok = expected
+            if not ok(value):
+                raise InputError(f"not a valid regkl batch summary: record {i} ({str(row.get('moving'))[:80]}) has "
+                                 f"{key} = {json.dumps(value)[:40]}, expected {name} or null", path=p)
     return rows, p
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: Summary fields with a type (others are free): name -> (what the message says, check).
+SUMMARY_FIELD_TYPES = {
+    **{key: ("a number", _is_number) for key in ("metric_before", "metric_after", "confidence", "seconds")},
+    "suspect": ("true/false", lambda v: isinstance(v, bool)),
+    **{key: ("a text", lambda v: isinstance(v, str))
+       for key in ("subject", "session", "moving", "fixed", "output", "transform", "status", "metric", "error", "qc")},
+}

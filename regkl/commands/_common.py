@@ -2,18 +2,141 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 
 def log(quiet):
     def say(msg):
         if not quiet:
-            click.echo(f"regkl: {msg}", err=True)
+            echo_err(f"regkl: {msg}")
     return say
 
 
+def echo_err(text: str, *, nl: bool = True) -> None:
+    """A progress or log line on stderr that can never stop the work: a closed stderr (``2>&1 |
+    head -1``) or a name the terminal's encoding cannot show must not end a batch."""
+    try:
+        click.echo(text, err=True, nl=nl)
+    except BrokenPipeError:
+        _silence_stderr()
+    except UnicodeEncodeError:
+        try:
+            click.echo(text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace"), err=True, nl=nl)
+        except (BrokenPipeError, OSError, ValueError):
+            _silence_stderr()
+    except (OSError, ValueError):  # stderr closed or gone
+        _silence_stderr()
+
+
+def _silence_stderr() -> None:
+    """Point file descriptor 2 at /dev/null (later writes, by us or by libraries, go nowhere)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
 def volume_option(value):
-    return int(value) if value.lstrip("-").isdigit() else value
+    return int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
+
+
+# --------------------------------------------------------------------------------------------------
+# option types: every value is checked when the command line is parsed, before any image is read
+
+
+class Finite(click.FloatRange):
+    """A float in a range that is also finite (click's FloatRange lets NaN through)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class VolumeChoice(click.ParamType):
+    """How a 4D image becomes one volume: mean, median or a volume index (negative from the end)."""
+
+    name = "mean|median|N"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if text in ("mean", "median"):
+            return text
+        if text.lstrip("-").isdigit():
+            return int(text)
+        self.fail(f"{value!r} is not mean, median or a volume index (0, 1, ..., or -1 for the last).", param, ctx)
+
+
+class Registry(click.ParamType):
+    """A name from one of regkl's registries (metrics, models), listed in the error; ``multiple``
+    accepts a comma-separated list."""
+
+    def __init__(self, what, names, *, multiple=False):
+        self.name, self._names, self._multiple = what, names, multiple
+
+    def convert(self, value, param, ctx):
+        names = self._names()
+        given = [v.strip() for v in str(value).split(",")] if self._multiple else [str(value).strip()]
+        if not any(given):
+            self.fail(f"the value is empty; choose {'one or more' if self._multiple else 'one'} of {', '.join(names)}.",
+                      param, ctx)
+        for name in given:
+            if name not in names:
+                self.fail(f"{name!r} is not one of {', '.join(names)}.", param, ctx)
+        return ",".join(given) if self._multiple else given[0]
+
+
+def _metric_names():
+    from ..metrics import METRICS
+
+    return list(METRICS)
+
+
+def _model_names():
+    from ..transforms import MODELS
+
+    return list(MODELS)
+
+
+METRIC = Registry("metric", _metric_names)
+METRICS = Registry("metric[,metric...]", _metric_names, multiple=True)
+MODEL = Registry("model", _model_names)
+#: Histogram bins of the registration metrics (regkl.optimize checks the same range).
+BINS = click.IntRange(8, 512)
+SEED = click.IntRange(0, 2**32 - 1)
+SAMPLING = Finite(0.0, 1.0, min_open=True)
+MAX_ITER = click.IntRange(1, 100000)
+MAX_SECONDS = Finite(0.0, min_open=True)
+LEVELS = click.IntRange(1, 6)
+POSITIVE = click.IntRange(1)
+
+
+def check_environment() -> None:
+    """Refuse (one line, exit 2) settings in the environment regkl or Numba cannot use."""
+    import os
+
+    from ..errors import InputError
+
+    threads = os.environ.get("NUMBA_NUM_THREADS")
+    if threads is not None and threads.strip() and not (threads.strip().isdigit() and int(threads) >= 1):
+        raise InputError(f"NUMBA_NUM_THREADS={threads!r} is not a positive number of threads; set it to 1 or more, "
+                         "or unset it (use --threads to choose per run)")
+    limit = os.environ.get("REGKL_MEMORY_LIMIT_GB")
+    if limit is not None and limit.strip():
+        try:
+            ok = math.isfinite(float(limit)) and float(limit) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InputError(f"REGKL_MEMORY_LIMIT_GB={limit!r} is not a positive number of GiB; set it (e.g. 8) "
+                             "or unset it")
 
 
 def set_threads(threads):

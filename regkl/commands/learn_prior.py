@@ -7,14 +7,14 @@ import json
 import click
 
 from .. import __version__
-from ._common import check_output, log, volume_option
+from ._common import BINS, VolumeChoice, check_output, log, volume_option
 
 
 @click.command("learn-prior")
 @click.argument("pairs", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Prior file (.npz).")
-@click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins (use the same to register).")
-@click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
+@click.option("--bins", default=24, show_default=True, type=BINS, help="Histogram bins (use the same to register).")
+@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(), help="4D reduction: mean, median or N.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")

@@ -6,19 +6,19 @@ import json
 
 import click
 
-from ._common import load_prior, volume_option
+from ._common import BINS, METRICS, VolumeChoice, load_prior, volume_option
 
 
 @click.command("metric")
 @click.argument("moving", type=click.Path(dir_okay=True))
 @click.argument("fixed", type=click.Path(dir_okay=True))
-@click.option("--metric", "metric_names", default="mi", show_default=True,
+@click.option("--metric", "metric_names", default="mi", show_default=True, type=METRICS,
               help="Metric name, or several separated by commas (mi, nmi, cr, jsd, kl).")
 @click.option("--transform", type=click.Path(dir_okay=False), help="Transform to apply first (fixed->moving; "
               "ITK or RAS file); default: the headers as they are.")
 @click.option("--prior", type=click.Path(dir_okay=False), help="Prior for kl.")
-@click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins.")
-@click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
+@click.option("--bins", default=24, show_default=True, type=BINS, help="Histogram bins (8 to 512).")
+@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(), help="4D reduction: mean, median or N.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of one line per metric.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def metric_cmd(moving, fixed, metric_names, transform, prior, bins, moving_volume, as_json, debug):

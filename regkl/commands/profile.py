@@ -8,7 +8,7 @@ import os
 import click
 import numpy as np
 
-from ._common import check_output, load_prior, log, volume_option
+from ._common import BINS, METRIC, SEED, VolumeChoice, check_output, load_prior, log, volume_option
 
 
 @click.command("profile")
@@ -17,19 +17,19 @@ from ._common import check_output, load_prior, log, volume_option
 @click.option("--transform", type=click.Path(dir_okay=False), help="Pose to profile (fixed->moving; ITK or RAS "
               "file, e.g. from register --transform-out) [default: the headers as they are].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="PNG with the six curves (needs regkl[qc]).")
-@click.option("--metric", default="mi", show_default=True, help="As for register (kl needs --prior).")
+@click.option("--metric", default="mi", show_default=True, type=METRIC, help="As for register (kl needs --prior).")
 @click.option("--prior", type=click.Path(dir_okay=False), help="Prior for --metric kl.")
-@click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins.")
+@click.option("--bins", default=24, show_default=True, type=BINS, help="Histogram bins (8 to 512).")
 @click.option("--sampling", default=1.0, show_default=True, type=float,
               help="Fraction of the finest level's fixed grid points used.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the point sampling.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the point sampling.")
 @click.option("--range-deg", default=20.0, show_default=True, type=float, help="Rotations from -R to +R degrees.")
 @click.option("--range-mm", default=20.0, show_default=True, type=float, help="Shifts from -R to +R mm.")
 @click.option("--steps", default=20, show_default=True, type=int, help="Points on each side of the pose.")
 @click.option("--fixed-mask", type=click.Path(dir_okay=False), help="As for register.")
 @click.option("--moving-mask", type=click.Path(dir_okay=False), help="As for register.")
 @click.option("--auto-mask", is_flag=True, help="As for register.")
-@click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
+@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(), help="4D reduction: mean, median or N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the curves as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")

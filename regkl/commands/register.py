@@ -12,7 +12,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import RegklError
-from ._common import check_output, load_prior, log, set_threads, volume_option, warm_kernels_in_background
+from ._common import (BINS, LEVELS, MAX_ITER, MAX_SECONDS, METRIC, MODEL, POSITIVE, SAMPLING, SEED, VolumeChoice,
+                      check_output, echo_err, load_prior, log, set_threads, volume_option, warm_kernels_in_background)
 
 
 EXAMPLES = """
@@ -40,18 +41,18 @@ Examples:
 @click.option("--matrix-out", type=click.Path(dir_okay=False), help="4x4 RAS+ fixed->moving matrix (text).")
 @click.option("--qc", "qc_out", type=click.Path(dir_okay=False), help="QC picture (PNG): edges, reverse edges, "
               "checkerboard in three views (needs regkl[qc]).")
-@click.option("--model", default="rigid", show_default=True,
+@click.option("--model", default="rigid", show_default=True, type=MODEL,
               help="Transform model: translation, rigid, similarity (rigid + scale), affine; similarity and "
                    "affine run a rigid stage first.")
-@click.option("--metric", default="mi", show_default=True,
+@click.option("--metric", default="mi", show_default=True, type=METRIC,
               help="Similarity metric: mi (mutual information), nmi (normalised MI), cr (correlation ratio), "
                    "jsd (Jensen-Shannon), kl (KL divergence to a learned prior; needs --prior).")
 @click.option("--prior", type=click.Path(dir_okay=False), help="Prior joint histogram for --metric kl "
               "(from regkl learn-prior).")
-@click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins.")
-@click.option("--sampling", default=0.5, show_default=True, type=float,
+@click.option("--bins", default=24, show_default=True, type=BINS, help="Histogram bins (8 to 512).")
+@click.option("--sampling", default=0.5, show_default=True, type=SAMPLING,
               help="Fraction of fixed grid points used at each level (regular grid, seeded jitter).")
-@click.option("--levels", type=int, default=None, help="Pyramid levels [default: from voxel sizes].")
+@click.option("--levels", type=LEVELS, default=None, help="Pyramid levels [default: from voxel sizes].")
 @click.option("--init", "init", type=click.Choice(["com", "geometry", "header"]), default="com",
               show_default=True, help="Start: align centres of mass, grid centres, or trust the headers.")
 @click.option("--search", type=click.Choice(["none", "auto", "full"]), default="auto", show_default=True,
@@ -63,15 +64,15 @@ Examples:
               "(any grid, on the moving image's world) count.")
 @click.option("--auto-mask", is_flag=True, help="Build head/brain masks from the images where no mask is given "
               "(neck, eyes and background then do not steer the result).")
-@click.option("--moving-volume", default="mean", show_default=True,
+@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(),
               help="4D moving image reduced by mean, median or a volume index N (0-based).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear",
               show_default=True, help="Interpolation of the output image.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the point sampling.")
-@click.option("--max-iter", default=100, show_default=True, type=int, help="Optimiser iterations per level.")
-@click.option("--max-seconds", default=600.0, show_default=True, type=float,
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the point sampling.")
+@click.option("--max-iter", default=100, show_default=True, type=MAX_ITER, help="Optimiser iterations per level.")
+@click.option("--max-seconds", default=600.0, show_default=True, type=MAX_SECONDS,
               help="Time limit: past it the registration stops with exit code 1.")
-@click.option("--threads", type=int, default=None, help="Numba threads [default: all cores or NUMBA_NUM_THREADS].")
+@click.option("--threads", type=POSITIVE, default=None, help="Numba threads [default: all cores or NUMBA_NUM_THREADS].")
 @click.option("--confidence", is_flag=True, help="Assess the result without ground truth (restart drift and "
               "agreement, optimum sharpness, MI/entropy): score and suspect flag in --json and on stderr.")
 @click.option("--fail-on-suspect", is_flag=True, help="Exit with code 1 when the result is flagged suspect "
@@ -143,8 +144,8 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
         for row in result.fixed2moving:
             click.echo(" ".join(f"{v: .8f}" for v in row))
     if fail_on_suspect and result.confidence.suspect:
-        click.echo(f"regkl: error: {moving}: registration flagged suspect (confidence "
-                   f"{result.confidence.score:.2f}); see --json evidence or --qc", err=True)
+        echo_err(f"regkl: error: {moving}: registration flagged suspect (confidence "
+                 f"{result.confidence.score:.2f}); see --json evidence or --qc")
         sys.exit(1)
 
 

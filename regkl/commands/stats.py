@@ -7,11 +7,13 @@ import json
 import click
 import numpy as np
 
+from ..stats import MAX_BINS
 
 
 @click.command("stats")
 @click.argument("image", type=click.Path(dir_okay=True))
-@click.option("--bins", default=64, show_default=True, type=int, help="Histogram bins.")
+@click.option("--bins", default=64, show_default=True, type=click.IntRange(2, MAX_BINS),
+              help=f"Histogram bins (2 to {MAX_BINS}).")
 @click.option("--mask", type=click.Path(dir_okay=False), help="Only voxels inside this mask (same grid).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of one line per value.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
