@@ -9,7 +9,7 @@ import numpy as np
 from scipy import optimize as sopt
 
 from . import histogram, masks, pyramid
-from .errors import InputError, RegistrationError
+from .errors import InputError, KernelInputError, RegistrationError
 from .initialize import SEARCH_MODES, SearchReport, global_search, initial_transform  # noqa: F401
 from .metrics import NATIVE_FIXED_METRICS, get_metric
 from .transforms import get_model, rms_displacement
@@ -167,9 +167,39 @@ def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, movi
         mmask = None if moving_mask is None else masks.on_grid(moving_mask, mlev)
         if mmask is not None and not np.any(mmask > 0):
             raise InputError("moving mask does not overlap the moving image", path=moving_mask.name)
-        levels.append(_Level(float(spacing), histogram.make_samples(pts, vals, bins),
-                             histogram.make_moving_level(mlev, bins, mask=mmask), flev, mlev))
+        levels.append(_Level(float(spacing), _samples(pts, vals, bins, spacing, sampling, fixed, moving, flev),
+                             _moving_level(mlev, bins, mmask, spacing, moving), flev, mlev))
     return levels
+
+
+def _samples(pts, vals, bins, spacing, sampling, fixed, moving, flev):
+    """The fixed sample points of a level; a problem is told in terms of what the user gave."""
+    def sizes(vol):
+        return f"{vol.name} {' x '.join(f'{v:g}' for v in vol.spacing)} mm"
+
+    if len(pts) < 64:
+        raise InputError(f"only {len(pts)} sample point(s) at {spacing:g} mm, at least 64 are needed ({sampling:g} of "
+                         f"the fixed image's {'x'.join(map(str, flev.shape))} grid at that scale, which the voxel "
+                         f"sizes set: {sizes(fixed)}, {sizes(moving)}); use a larger --sampling or images with "
+                         "more, smaller voxels", path=f"{moving.name} onto {fixed.name}")
+    try:
+        return histogram.make_samples(pts, vals, bins)
+    except KernelInputError:
+        raise InputError(f"the {len(pts)} sample points at {spacing:g} mm all have the same intensity, so there is "
+                         "no contrast to register (the image is nearly uniform at this scale; --sampling "
+                         f"{sampling:g})", path=fixed.name) from None
+
+
+def _moving_level(mlev, bins, mmask, spacing, moving):
+    """The moving image of a level; a problem is told in terms of what the user gave."""
+    try:
+        return histogram.make_moving_level(mlev, bins, mask=mmask)
+    except KernelInputError as exc:
+        if "constant" not in str(exc):
+            raise
+        raise InputError(f"smoothed to {spacing:g} mm for the registration, the image has a single intensity "
+                         f"(voxels {' x '.join(f'{v:g}' for v in moving.spacing)} mm); there is no contrast to "
+                         "register", path=moving.name) from None
 
 
 class _StepMonitor:
@@ -472,8 +502,12 @@ def evaluate_metric(moving: Volume, fixed: Volume, fixed2moving: np.ndarray | No
                         moving_mask=moving_mask, sampling=sampling, seed=seed)
     value, overlap, n_valid = probe(np.eye(4) if fixed2moving is None else fixed2moving)
     if value is None:
-        raise RegistrationError(f"the images do not overlap ({n_valid} of {probe.n_points} sample points inside the "
-                                "moving image)")
+        if n_valid == 0:
+            raise RegistrationError(f"the images do not overlap (none of the {probe.n_points} sample points of the "
+                                    "fixed image falls inside the moving image)")
+        raise RegistrationError(f"too little overlap to measure: {n_valid} of the {probe.n_points} sample points of "
+                                f"the fixed image fall inside the moving image, at least {probe.min_valid} are "
+                                "needed")
     return value, overlap
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import click
@@ -40,6 +41,25 @@ def _silence_stderr() -> None:
         os.close(devnull)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def naming(label):
+    """Errors raised inside that name no file get ``label`` (the files the command works on), so
+    every message says what it is about: ``moving.nii.gz onto fixed.nii.gz: the images do not overlap``."""
+    from ..errors import RegklError
+
+    try:
+        yield
+    except RegklError as exc:
+        if exc.path is not None:
+            raise
+        raise type(exc)(exc.problem, path=label) from exc
+
+
+def pair_label(moving, fixed, transform=None) -> str:
+    """How messages name a pair of images (and the transform between them)."""
+    return f"{moving} onto {fixed}" + (f" with {transform}" if transform else "")
 
 
 def volume_option(value):
@@ -176,6 +196,14 @@ def warm_kernels_in_background():
     thread = threading.Thread(target=warm_up, name="regkl-warm-up", daemon=True)
     thread.start()
     return thread
+
+
+def check_picture_output(path):
+    """Refuse, before any work, a picture output whose name does not end in .png (what is written)."""
+    from ..errors import OutputError
+
+    if path and path != "-" and not str(path).lower().endswith(".png"):
+        raise OutputError("pictures are written as PNG; name the output *.png", path=path)
 
 
 def check_output(path, inputs):

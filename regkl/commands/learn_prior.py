@@ -7,7 +7,7 @@ import json
 import click
 
 from .. import __version__
-from ._common import BINS, VolumeChoice, check_output, log, volume_option
+from ._common import BINS, VolumeChoice, check_output, log, naming, volume_option
 
 
 @click.command("learn-prior")
@@ -45,7 +45,8 @@ def learn_prior_cmd(pairs, output, bins, moving_volume, as_json, quiet, debug):
         moving, fixed = load_volume(parts[0], volume=volume_option(moving_volume)), load_volume(parts[1])
         loaded.append((moving, fixed, load_transform(parts[2]) if len(parts) == 3 else None))
         say(f"pair {len(loaded)}: {parts[0]} -> {parts[1]}")
-    prior = learn_prior(loaded, bins=bins)
+    with naming(", ".join(pairs)):
+        prior = learn_prior(loaded, bins=bins)
     meta = {"pairs": list(pairs), "regkl_version": __version__}
     save_prior(output, prior, bins=bins, meta=meta)
     if as_json:

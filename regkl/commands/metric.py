@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ._common import BINS, METRICS, VolumeChoice, load_prior, volume_option
+from ._common import BINS, METRICS, VolumeChoice, load_prior, naming, pair_label, volume_option
 
 
 @click.command("metric")
@@ -36,8 +36,9 @@ def metric_cmd(moving, fixed, metric_names, transform, prior, bins, moving_volum
     m = None if transform is None else load_transform(transform)
     out = {}
     for name in names:
-        value, overlap = evaluate_metric(moving_vol, fixed_vol, m, metric=name, bins=bins,
-                                         prior=load_prior(name, prior if name == "kl" else None, bins))
+        table = load_prior(name, prior if name == "kl" else None, bins)
+        with naming(pair_label(moving, fixed, transform)):
+            value, overlap = evaluate_metric(moving_vol, fixed_vol, m, metric=name, bins=bins, prior=table)
         out[name] = value
     if as_json:
         click.echo(json.dumps({"moving": moving, "fixed": fixed, "transform": transform, "overlap": overlap,

@@ -8,7 +8,8 @@ import os
 import click
 import numpy as np
 
-from ._common import BINS, METRIC, SEED, VolumeChoice, check_output, load_prior, log, volume_option
+from ._common import (BINS, METRIC, SEED, VolumeChoice, check_output, check_picture_output, load_prior, log, naming,
+                      pair_label, volume_option)
 
 
 @click.command("profile")
@@ -58,6 +59,7 @@ def profile_cmd(moving, fixed, transform, output, metric, prior, bins, sampling,
     inputs = tuple(p for p in (moving, fixed, transform, fixed_mask, moving_mask, prior) if p)
     check_output(output, inputs)
     if output:
+        check_picture_output(output)
         from ..qc import _require_matplotlib
 
         _require_matplotlib()
@@ -67,9 +69,10 @@ def profile_cmd(moving, fixed, transform, output, metric, prior, bins, sampling,
     fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask, allow_constant=True)
     moving_mask_vol = None if moving_mask is None else load_volume(moving_mask, allow_constant=True)
     say(f"{6 * 2 * steps + 1} evaluations of {metric}")
-    prof = profile_metric(moving_vol, fixed_vol, pose, metric=metric, bins=bins, prior=prior_table,
-                          fixed_mask=fixed_mask_vol, moving_mask=moving_mask_vol, auto_mask=auto_mask,
-                          sampling=sampling, seed=seed, range_deg=range_deg, range_mm=range_mm, steps=steps)
+    with naming(pair_label(moving, fixed, transform)):
+        prof = profile_metric(moving_vol, fixed_vol, pose, metric=metric, bins=bins, prior=prior_table,
+                              fixed_mask=fixed_mask_vol, moving_mask=moving_mask_vol, auto_mask=auto_mask,
+                              sampling=sampling, seed=seed, range_deg=range_deg, range_mm=range_mm, steps=steps)
     say(f"{prof.n_points} points at {prof.spacing_mm:g} mm, {prof.seconds:.1f} s")
     if output:
         plot_profile(prof, output, protect=inputs,

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from ._common import check_output
+from ._common import check_output, check_picture_output, naming
 
 
 @click.command("qc")
@@ -26,7 +26,9 @@ def qc_cmd(fixed, registered, output, title, slices, debug):
     from ..qc import qc_figure
 
     check_output(output, (fixed, registered))
+    check_picture_output(output)
     fixed_vol = load_volume(fixed)
     reg_vol = load_volume(registered, volume=0)
-    qc_figure(fixed_vol, reg_vol, output, n_slices=slices,
-              title=title or f"{os.path.basename(registered)} on {os.path.basename(fixed)}")
+    with naming(f"{registered} on {fixed}"):
+        qc_figure(fixed_vol, reg_vol, output, n_slices=slices,
+                  title=title or f"{os.path.basename(registered)} on {os.path.basename(fixed)}")

@@ -12,8 +12,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import RegklError
-from ._common import (BINS, LEVELS, MAX_ITER, MAX_SECONDS, METRIC, MODEL, POSITIVE, SAMPLING, SEED, VolumeChoice,
-                      check_output, echo_err, load_prior, log, set_threads, volume_option, warm_kernels_in_background)
+from ._common import (BINS, check_picture_output, LEVELS, MAX_ITER, MAX_SECONDS, METRIC, MODEL, POSITIVE, SAMPLING, SEED, VolumeChoice,
+                      check_output, echo_err, load_prior, log, naming, pair_label, set_threads, volume_option, warm_kernels_in_background)
 
 
 EXAMPLES = """
@@ -103,6 +103,12 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
     inputs = tuple(p for p in (moving, fixed, fixed_mask, moving_mask, prior) if p)
     for out in (output, transform_out, matrix_out, qc_out):
         check_output(out, inputs)
+    if output:
+        from ..io import check_image_output
+
+        check_image_output(output, protect=inputs)
+    if qc_out:
+        check_picture_output(qc_out)
     warm = warm_kernels_in_background()
     fixed_vol = load_volume(fixed, volume="mean")
     moving_vol = load_volume(moving, volume=volume_option(moving_volume))
@@ -111,10 +117,11 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
     warm.join()
     if moving_vol.note:
         say(f"moving reference: {moving_vol.note}")
-    result = run_register(moving_vol, fixed_vol, model=model, metric=metric, prior=prior_table, bins=bins,
-                          sampling=sampling, levels=levels, init=init, search=search, fixed_mask=fixed_mask_vol,
-                          moving_mask=moving_mask_vol, auto_mask=auto_mask, seed=seed, max_iter=max_iter,
-                          max_seconds=max_seconds, confidence=confidence or fail_on_suspect, log=say)
+    with naming(pair_label(moving, fixed)):
+        result = run_register(moving_vol, fixed_vol, model=model, metric=metric, prior=prior_table, bins=bins,
+                              sampling=sampling, levels=levels, init=init, search=search, fixed_mask=fixed_mask_vol,
+                              moving_mask=moving_mask_vol, auto_mask=auto_mask, seed=seed, max_iter=max_iter,
+                              max_seconds=max_seconds, confidence=confidence or fail_on_suspect, log=say)
     from ..io import output_group
 
     printed = False

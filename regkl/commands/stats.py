@@ -8,6 +8,7 @@ import click
 import numpy as np
 
 from ..stats import MAX_BINS
+from ._common import naming
 
 
 @click.command("stats")
@@ -34,7 +35,8 @@ def stats_cmd(image, bins, mask, as_json, debug):
         if mvol.shape != vol.shape:
             raise InputError(f"mask shape {mvol.shape} differs from the image's {vol.shape}", path=mask)
         mask_data = mvol.data > 0
-    result = image_stats(vol, bins=bins, mask=mask_data)
+    with naming(image if mask is None else f"{image} in {mask}"):
+        result = image_stats(vol, bins=bins, mask=mask_data)
     if as_json:
         click.echo(json.dumps({"image": image, **result}, default=_jsonable))
     else:
