@@ -72,9 +72,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         echo_err("regkl: interrupted")
         sys.exit(130)
-    except BrokenPipeError:  # stdout closed by the reader (regkl ... | head): the work is done
-        _silence(sys.stdout)
-        sys.exit(0)
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
         if debug:
             raise
@@ -82,16 +79,6 @@ def main(argv=None):
         echo_err(f"regkl: internal error: {type(exc).__name__}: {text} (rerun with --debug)")
         sys.exit(3)
     sys.exit(0)
-
-
-def _silence(stream) -> None:
-    """Point a closed stream's file descriptor at /dev/null, so the final flush cannot fail."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
 
 
 def run():
@@ -115,7 +102,7 @@ def run():
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (regkl ... | head): nothing more to say
+        except (OSError, ValueError, AttributeError):  # a closed pipe (regkl ... | head), or no stream at all
             pass
     os._exit(code)
 

@@ -273,6 +273,25 @@ def test_bad_option_value_is_refused_before_reading(case, images, tmp_path, capf
     assert listing(tmp_path) == []
 
 
+EMPTY = [
+    ("register_output", ["register", "{moving}", "{fixed}", "-o", ""]),
+    ("register_transform_out", ["register", "{moving}", "{fixed}", "--transform-out", " "]),
+    ("apply_output", ["apply", "{identity}", "{moving}", "{fixed}", "-o", ""]),
+    ("learn_prior_pair_part", ["learn-prior", "{moving},,{fixed}", "-o", "{out}/p.npz"]),
+]
+
+
+@pytest.mark.parametrize("case", EMPTY, ids=[c[0] for c in EMPTY])
+def test_empty_names_are_refused_before_reading(case, images, tmp_path, capfd, monkeypatch):
+    import regkl.io
+
+    monkeypatch.setattr(regkl.io, "_read", lambda *a, **k: pytest.fail("an image was read"))
+    argv = [a.format(out=tmp_path, **{k: str(v) for k, v in images.items()}) for a in case[1]]
+    code, stdout, err = run(argv, capfd)
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1 and "empty" in err, err
+    assert listing(tmp_path) == []
+
+
 @pytest.mark.parametrize("variable,value", [("NUMBA_NUM_THREADS", "0"), ("NUMBA_NUM_THREADS", "-2"),
                                             ("REGKL_MEMORY_LIMIT_GB", "nan"), ("REGKL_MEMORY_LIMIT_GB", "-1")])
 def test_bad_environment_is_one_line(variable, value, images):

@@ -208,8 +208,11 @@ def check_picture_output(path):
 
 def check_output(path, inputs):
     """Refuse, before any work, an output that would overwrite an input or cannot be written."""
+    from ..errors import OutputError
     from ..io import check_output_path
 
     if path is None or path == "-":
         return
+    if not str(path).strip():
+        raise OutputError("an output file name is empty; give a file name")
     check_output_path(path, protect=inputs)

@@ -40,8 +40,8 @@ def learn_prior_cmd(pairs, output, bins, moving_volume, as_json, quiet, debug):
     loaded = []
     for pair in pairs:
         parts = pair.split(",")
-        if len(parts) not in (2, 3):
-            raise InputError(f"a pair is MOVING,FIXED or MOVING,FIXED,TRANSFORM, got {pair!r}")
+        if len(parts) not in (2, 3) or not all(part.strip() for part in parts):
+            raise InputError(f"a pair is MOVING,FIXED or MOVING,FIXED,TRANSFORM (no empty part), got {pair!r}")
         moving, fixed = load_volume(parts[0], volume=volume_option(moving_volume)), load_volume(parts[1])
         loaded.append((moving, fixed, load_transform(parts[2]) if len(parts) == 3 else None))
         say(f"pair {len(loaded)}: {parts[0]} -> {parts[1]}")
