@@ -109,7 +109,8 @@ class Registry(click.ParamType):
                       param, ctx)
         for name in given:
             if name not in names:
-                self.fail(f"{name!r} is not one of {', '.join(names)}.", param, ctx)
+                self.fail(f"{name!r} is not a known {self.name.split('[')[0]}; choose one of {', '.join(names)}.",
+                          param, ctx)
         return ",".join(given) if self._multiple else given[0]
 
 
