@@ -207,6 +207,19 @@ def test_batch_survives_closed_stderr_and_non_utf8_names(images, tmp_path, capfd
     assert code == 0 and "r\\xffst" in (tmp_path / "r.html").read_text(encoding="utf-8"), err
 
 
+@pytest.mark.parametrize("command", ["register", "profile"])
+def test_non_utf8_names_in_picture_titles(command, images, tmp_path, capfd):
+    """A file name that is not UTF-8 goes into the QC/profile picture's title (as \\xNN)."""
+    odd = tmp_path / os.fsdecode(b"m\xff.nii.gz")
+    odd.write_bytes(images["moving"].read_bytes())
+    picture = tmp_path / os.fsdecode(b"p\xff.png")
+    extra = {"register": ["--search", "none", "--max-iter", "2", "--qc", picture],
+             "profile": ["--steps", "2", "-o", picture]}[command]
+    code, _, err = run([command, odd, images["fixed"], "-q"] + extra, capfd)
+    assert code == 0, err
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_read_only_numba_cache_runs_uncached_with_one_hint(images, tmp_path):
     """No cache folder Numba can write (install, user cache, temporary folder): apply (one kernel to
     compile) still works, compiled without a cache, with one warning line that says how to get a
