@@ -1344,18 +1344,21 @@ def series_writer(path, shape, vox2ras, *, like: Volume | None = None, protect=(
 
     workers = os.cpu_count() or 1
     with atomic_set(dest, suffixes, protect=protect) as tmps, ThreadPoolExecutor(workers) as pool:
-        data_tmp = tmps[0] if hdr.is_single else tmps[[s.startswith(".img") for s in suffixes].index(True)]
-        if not hdr.is_single:
-            header_tmp = tmps[1 - tmps.index(data_tmp)]
+        def sink_for(fh, path):  # gzip members for .gz, the file itself otherwise
+            return _GzipMembers(fh, pool, workers) if path.name.lower().endswith(".gz") else fh
+
+        if hdr.is_single:
+            data_tmp = tmps[0]
+        else:  # a pair: the header file first, then the data (.img) file
+            data_first = suffixes[0].startswith(".img")
+            data_tmp, header_tmp = (tmps[0], tmps[1]) if data_first else (tmps[1], tmps[0])
             with open(header_tmp, "wb") as fh:
-                if header_tmp.name.lower().endswith(".gz"):
-                    members = _GzipMembers(fh, pool, workers)
-                    members.write(head)
-                    members.close()
-                else:
-                    fh.write(head)
+                header_sink = sink_for(fh, header_tmp)
+                header_sink.write(head)
+                if header_sink is not fh:
+                    header_sink.close()
         with open(data_tmp, "wb") as fh:
-            sink = _GzipMembers(fh, pool, workers) if data_tmp.name.lower().endswith(".gz") else fh
+            sink = sink_for(fh, data_tmp)
             if hdr.is_single:
                 sink.write(head)
             yield put
