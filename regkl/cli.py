@@ -13,6 +13,7 @@ import warnings
 import click
 
 from . import __version__
+from .commands._common import check_environment, echo_err
 from .errors import RegklError
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,30 +52,31 @@ def main(argv=None):
         # a scheduler's SIGTERM unwinds normally, so temporary outputs are removed
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not debug:
-        warnings.showwarning = lambda msg, *a, **k: click.echo(f"regkl: warning: {msg}", err=True)
+        warnings.showwarning = lambda msg, *a, **k: echo_err(f"regkl: warning: {msg}")
     try:
+        check_environment()
         cli.main(args=argv, prog_name="regkl", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("regkl: aborted", err=True)
+        echo_err("regkl: aborted")
         sys.exit(130)
     except click.ClickException as exc:
         if debug:
             raise
-        click.echo(f"regkl: error: {' '.join(exc.format_message().split())}", err=True)
+        echo_err(f"regkl: error: {' '.join(exc.format_message().split())}")
         sys.exit(exc.exit_code)
     except RegklError as exc:
         if debug:
             raise
-        click.echo(f"regkl: error: {exc}", err=True)
+        echo_err(f"regkl: error: {exc}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("regkl: interrupted", err=True)
+        echo_err("regkl: interrupted")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
         if debug:
             raise
         text = " ".join(str(exc).split())[:300]
-        click.echo(f"regkl: internal error: {type(exc).__name__}: {text} (rerun with --debug)", err=True)
+        echo_err(f"regkl: internal error: {type(exc).__name__}: {text} (rerun with --debug)")
         sys.exit(3)
     sys.exit(0)
 
@@ -100,7 +102,7 @@ def run():
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (regkl ... | head): nothing more to say
+        except (OSError, ValueError, AttributeError):  # a closed pipe (regkl ... | head), or no stream at all
             pass
     os._exit(code)
 

@@ -902,15 +902,53 @@ def volume_from_nibabel(img, *, volume="mean", allow_constant: bool = False) -> 
 def load_series(path):
     """Read an image without reducing it: (list of 3D Volumes, 4D NIfTI header or None).
 
-    A 3D image gives a one-element list. Used to resample every volume of a 4D series; the same
-    checks as :func:`load_volume` (constant images allowed: label maps).
+    A 3D image gives a one-element list. The same checks as :func:`load_volume` (constant images
+    allowed: label maps). :func:`open_series` gives the volumes one at a time instead.
+    """
+    series, header = open_series(path)
+    return list(series), header
+
+
+def open_series(path):
+    """Read an image for volume-by-volume use: (:class:`Series`, 4D NIfTI header or None).
+
+    Checked as :func:`load_series`; each volume's float32 copy is made only when it is asked for.
     """
     p = check_input_path(path)
     raw = _read(p)
     with np.errstate(all="ignore"):
-        vols, header = _series(raw, p)
+        series, header = _series(raw, p)
     _issue(raw.notes, p)
-    return vols, header
+    return series, header
+
+
+class Series:
+    """The volumes of a 3D or 4D image, as :class:`Volume` objects made one at a time.
+
+    Parameters
+    ----------
+    data : ndarray (I, J, K) or (I, J, K, T), float32
+    vox2ras : ndarray (4, 4)
+    name : str
+    header : nibabel header or None
+    """
+
+    def __init__(self, data, vox2ras, name, header):
+        self._data, self.vox2ras, self.name, self.header = data, vox2ras, name, header
+        self.shape = tuple(data.shape[:3])
+
+    def __len__(self):
+        return 1 if self._data.ndim == 3 else self._data.shape[3]
+
+    def __getitem__(self, t) -> Volume:
+        n = len(self)
+        if not -n <= t < n:
+            raise IndexError(t)
+        if self._data.ndim == 3:
+            return Volume(self._data, self.vox2ras, self.name, "", self.header)
+        t = int(t) % n
+        return Volume(np.ascontiguousarray(self._data[..., t]), self.vox2ras, self.name, f"volume {t} of {n}",
+                      self.header)
 
 
 def _series(raw: _Raw, p: Path):
@@ -920,14 +958,9 @@ def _series(raw: _Raw, p: Path):
     _check_dims(data.shape[:3], str(p))
     vox2ras = check_vox2ras(raw.vox2ras, name=raw.matrix_name, path=p)
     _check_extent(data.shape[:3], vox2ras, str(p))
+    raw.data = None  # the float copy replaces the file's data
     data = _clean(data, str(p), raw.notes)
-    header = raw.header
-    if data.ndim == 3:
-        vols = [Volume(data, vox2ras, str(p), "", header)]
-    else:
-        vols = [Volume(np.ascontiguousarray(data[..., t]), vox2ras, str(p), f"volume {t} of {data.shape[3]}", header)
-                for t in range(data.shape[3])]
-    return vols, header
+    return Series(data, vox2ras, str(p), raw.header), raw.header
 
 
 #: Name pattern of the temporary files :func:`atomic_path` creates (".NAME.XXXXXXXX.tmpSUFFIX").
@@ -1052,36 +1085,80 @@ def atomic_path(path, *, protect=()):
     protect : iterable of paths
         Inputs that must never be overwritten.
     """
-    dest = check_output_path(path, protect=protect)
-    group = _GROUP.get()
-    if group is not None and any(os.path.abspath(dest) == os.path.abspath(d) for _, d in group):
-        raise OutputError("two outputs have the same path", path=dest)
-    folder = dest.parent if str(dest.parent) else Path(".")
+    dest = Path(path)
     suffix = "".join(dest.suffixes[-2:]) if dest.name.lower().endswith(".gz") else dest.suffix
+    with atomic_set(dest, (suffix,), protect=protect) as tmps:
+        yield tmps[0]
+
+
+def file_set(path, suffixes) -> list:
+    """The files of a set named like ``path``: ``path`` itself, then its partners.
+
+    ``suffixes[0]`` is the suffix ``path`` ends with (any case); each partner replaces it by one of
+    the others, in the same case (``OUT.HDR`` -> ``OUT.IMG``).
+    """
+    dest = Path(path)
+    stem = dest.name[:len(dest.name) - len(suffixes[0])]
+    upper = dest.name[len(stem):].isupper()
+    return [dest] + [dest.with_name(stem + (s.upper() if upper else s)) for s in suffixes[1:]]
+
+
+@contextlib.contextmanager
+def atomic_set(path, suffixes, *, protect=()):
+    """:func:`atomic_path` for a set of files written together (NIfTI pair .hdr/.img, MetaImage
+    .mhd/.raw): yields one temporary path per file, all with the same stem (``.NAME.XXXXXXXX.tmp``
+    + each suffix, as the writers of such pairs expect); every file is renamed into place only if
+    the block succeeds (inside :func:`output_group`, with the group), else none is.
+
+    Parameters
+    ----------
+    path : str or Path
+        Final destination of the first file; the others are named by :func:`file_set`.
+    suffixes : sequence of str
+        The suffix of ``path`` first (as in :data:`IMAGE_OUTPUTS`), then its partners'.
+    protect : iterable of paths
+        Inputs that must never be overwritten (by any file of the set).
+    """
+    finals = [check_output_path(p, protect=protect) for p in file_set(path, suffixes)]
+    dest = finals[0]
+    group = _GROUP.get()
+    for final in finals:
+        if group is not None and any(os.path.abspath(final) == os.path.abspath(d) for _, d in group):
+            raise OutputError("two outputs have the same path", path=final)
+    folder = dest.parent if str(dest.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffix}", dir=folder)
+        fd, first = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffixes[0]}", dir=folder)
     except OSError as exc:
         raise OutputError(f"cannot write: {_oserror_text(exc)}", path=dest) from exc
+    stem = first[:len(first) - len(suffixes[0])]
+    tmps = [Path(first)]
     handed_over = False
     try:
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
-        yield Path(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        for suffix in suffixes[1:]:  # partners: same random stem, created exclusively
+            os.close(os.open(stem + suffix, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            tmps.append(Path(stem + suffix))
+        for tmp in tmps:
+            os.chmod(tmp, 0o666 & ~_umask())
+        yield tmps
+        for tmp in tmps:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         if group is not None:  # output_group renames every file together at its end
-            group.append((tmp, dest))
+            group.extend((str(t), f) for t, f in zip(tmps, finals))
             handed_over = True
         else:
-            os.replace(tmp, dest)
+            for tmp, final in zip(tmps, finals):
+                os.replace(tmp, final)
             _fsync_folder(folder)
     except OSError as exc:
         raise OutputError(f"cannot write: {_oserror_text(exc)}", path=dest) from exc
     finally:
         if not handed_over:
-            with contextlib.suppress(OSError):
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
+            for tmp in tmps:
+                with contextlib.suppress(OSError):
+                    if os.path.lexists(tmp):
+                        os.unlink(tmp)
 
 
 #: Uncompressed bytes per gzip member when writing .nii.gz (members are compressed in parallel).
@@ -1111,6 +1188,69 @@ def write_gzip_parallel(raw: bytes, path, *, level: int = 1, threads: int | None
                 fh.write(member)
 
 
+#: Image output suffix (lower case) -> (writer, suffixes of every file written, 4D allowed). A name
+#: with any other suffix is refused before any work (:func:`check_image_output`).
+IMAGE_OUTPUTS = {
+    ".nii.gz": ("nifti", (".nii.gz",), True),
+    ".nii": ("nifti", (".nii",), True),
+    ".hdr": ("nifti", (".hdr", ".img"), True),  # NIfTI-1 pair: header and data files
+    ".img": ("nifti", (".img", ".hdr"), True),
+    ".hdr.gz": ("nifti", (".hdr.gz", ".img.gz"), True),
+    ".img.gz": ("nifti", (".img.gz", ".hdr.gz"), True),
+    ".nrrd": ("itk", (".nrrd",), False),
+    ".mha": ("itk", (".mha",), False),
+    ".mhd": ("itk", (".mhd", ".raw"), False),  # MetaImage header and its data file
+}
+
+
+def image_output(path, *, ndim: int = 3):
+    """(writer, suffixes of the set) for an image output path; OutputError naming it if regkl
+    cannot write that suffix (or a 4D series in that format)."""
+    dest = Path(path)
+    name = dest.name.lower()
+    for suffix in sorted(IMAGE_OUTPUTS, key=len, reverse=True):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            writer, suffixes, series_ok = IMAGE_OUTPUTS[suffix]
+            if ndim == 4 and not series_ok:
+                raise OutputError(f"a 4D series can only be written as NIfTI (.nii.gz, .nii or an .hdr/.img "
+                                  f"pair), not {suffix}", path=dest)
+            return writer, suffixes
+    known = ", ".join(dict.fromkeys(s for s in IMAGE_OUTPUTS if not s.startswith((".img", ".hdr.gz"))))
+    raise OutputError(f"cannot write an image with this name's suffix; use one of {known} "
+                      "(.hdr writes an .hdr/.img NIfTI pair, .mhd an .mhd/.raw pair)", path=dest)
+
+
+def check_image_output(path, *, protect=(), ndim: int = 3) -> list:
+    """Refuse, before any work, an image output regkl cannot write (unknown suffix, 4D not NIfTI) or
+    whose files (both halves of a pair) would overwrite an input or cannot be written."""
+    _, suffixes = image_output(path, ndim=ndim)
+    return [check_output_path(p, protect=protect) for p in file_set(path, suffixes)]
+
+
+def _nifti_image(data, vox2ras, dest, like, dtype, zooms_t=None):
+    """nibabel image for ``data`` on ``vox2ras`` with ``like``'s NIfTI header (codes, units), as a
+    single file or a pair according to ``dest``'s suffix."""
+    import nibabel as nib
+
+    header = getattr(like, "header", None)
+    nifti2 = isinstance(header, nib.Nifti2Header)
+    single = dest.name.lower().endswith(NIFTI_SUFFIXES)
+    cls = {(False, True): nib.Nifti1Image, (True, True): nib.Nifti2Image, (False, False): nib.Nifti1Pair,
+           (True, False): nib.Nifti2Pair}[nifti2, single]
+    header = header.copy() if isinstance(header, nib.Nifti1Header) else None
+    img = cls(data, vox2ras, header=header)
+    img.header.set_data_dtype(dtype)
+    img.header["scl_slope"] = 1.0
+    img.header["scl_inter"] = 0.0
+    if len(data.shape) == 4 and zooms_t is not None:
+        img.header.set_zooms(tuple(img.header.get_zooms()[:3]) + (float(zooms_t),))
+    sform_code = int(header["sform_code"]) if header is not None and header["sform_code"] > 0 else 2
+    qform_code = int(header["qform_code"]) if header is not None and header["qform_code"] > 0 else 2
+    img.set_sform(vox2ras, sform_code)
+    img.set_qform(vox2ras, qform_code)
+    return img
+
+
 def save_array(data: np.ndarray, vox2ras: np.ndarray, path, *, like: Volume | None = None, protect=(),
                dtype=np.float32, zooms_t: float | None = None) -> None:
     """Write a 3D or 4D array on a grid atomically (see :func:`save_volume`); 4D only as NIfTI."""
@@ -1118,32 +1258,20 @@ def save_array(data: np.ndarray, vox2ras: np.ndarray, path, *, like: Volume | No
     if data.ndim == 3:
         save_volume(Volume(data, vox2ras), dest, like=like, protect=protect, dtype=dtype)
         return
-    if not _is_nifti(dest):
-        raise OutputError("a 4D output must be NIfTI (.nii or .nii.gz)", path=dest)
-    _save_nifti(np.asarray(data).astype(dtype, copy=False), vox2ras, dest, like, protect, dtype, zooms_t)
+    with series_writer(dest, data.shape, vox2ras, like=like, protect=protect, dtype=dtype, zooms_t=zooms_t) as put:
+        for t in range(data.shape[3]):
+            put(data[..., t])
 
 
-def _save_nifti(data, vox2ras, dest, like, protect, dtype, zooms_t=None):
+def _save_nifti(data, vox2ras, dest, like, protect, dtype, suffixes):
     import nibabel as nib
 
-    with atomic_path(dest, protect=protect) as tmp:
-        header = getattr(like, "header", None)
-        cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-        header = header.copy() if isinstance(header, nib.Nifti1Header) else None
-        img = cls(data, vox2ras, header=header)
-        img.header.set_data_dtype(dtype)
-        img.header["scl_slope"] = 1.0
-        img.header["scl_inter"] = 0.0
-        if data.ndim == 4 and zooms_t is not None:
-            img.header.set_zooms(tuple(img.header.get_zooms()[:3]) + (float(zooms_t),))
-        sform_code = int(header["sform_code"]) if header is not None and header["sform_code"] > 0 else 2
-        qform_code = int(header["qform_code"]) if header is not None and header["qform_code"] > 0 else 2
-        img.set_sform(vox2ras, sform_code)
-        img.set_qform(vox2ras, qform_code)
+    img = _nifti_image(data, vox2ras, dest, like, dtype)
+    with atomic_set(dest, suffixes, protect=protect) as tmps:
         if dest.name.lower().endswith(".nii.gz"):
-            write_gzip_parallel(img.to_bytes(), tmp)
-        else:
-            nib.save(img, str(tmp))
+            write_gzip_parallel(img.to_bytes(), tmps[0])
+        else:  # .nii, or a pair: nibabel writes the partner next to the first temporary file
+            nib.save(img, str(tmps[0]))
 
 
 def save_volume(vol: Volume, path, *, like: Volume | None = None, protect=(), dtype=np.float32) -> None:
@@ -1153,28 +1281,165 @@ def save_volume(vol: Volume, path, *, like: Volume | None = None, protect=(), dt
     ----------
     vol : Volume
     path : str or Path
-        Destination; the format follows the extension (NIfTI via nibabel, others via SimpleITK).
+        Destination; the format follows the suffix (:data:`IMAGE_OUTPUTS`: NIfTI via nibabel,
+        NRRD and MetaImage via SimpleITK). Every file of a pair is written (both renamed into
+        place together, or neither).
     like : Volume, optional
         Image whose NIfTI header (sform/qform codes, units, description) is reused.
     protect : iterable of paths
         Inputs that must not be overwritten.
+
+    Raises
+    ------
+    OutputError
+        Unknown suffix, a file of the set would overwrite an input, or the write failed.
     """
     dest = Path(path)
+    writer, suffixes = image_output(dest)
     data = vol.data.astype(dtype, copy=False)
-    if _is_nifti(dest):
-        _save_nifti(data, vol.vox2ras, dest, like, protect, dtype)
+    if writer == "nifti":
+        _save_nifti(data, vol.vox2ras, dest, like, protect, dtype, suffixes)
         return
     import SimpleITK as sitk
 
-    with atomic_path(dest, protect=protect) as tmp:
+    with atomic_set(dest, suffixes, protect=protect) as tmps:
         try:
             with quiet_native_stderr():
-                sitk.WriteImage(array_to_sitk(data, vol.vox2ras), str(tmp))
+                sitk.WriteImage(array_to_sitk(data, vol.vox2ras), str(tmps[0]))
         except RuntimeError as exc:
             import shutil
 
             with contextlib.suppress(OSError):
-                if shutil.disk_usage(tmp.parent).free < data.nbytes:
+                if shutil.disk_usage(tmps[0].parent).free < data.nbytes:
                     raise OutputError("cannot write: no space left on the device (disk full or quota exceeded)",
                                       path=dest) from exc
             raise OutputError(f"cannot write image: {itk_reason(exc)}", path=dest) from exc
+        if len(tmps) == 2:  # MetaImage: the header names its data file, still by its temporary name
+            _rename_data_file(tmps[0], tmps[1].name, file_set(dest, suffixes)[1].name)
+
+
+def _rename_data_file(header_path: Path, tmp_name: str, final_name: str) -> None:
+    """Point a MetaImage header's ``ElementDataFile`` at the data file's final name."""
+    lines = header_path.read_text(encoding="latin-1").splitlines()
+    for i, line in enumerate(lines):
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "ElementDataFile" and value.strip() == tmp_name:
+            lines[i] = f"{key.rstrip()} = {final_name}"
+            break
+    else:
+        raise OutputError(f"MetaImage header does not name its data file {tmp_name}", path=header_path)
+    header_path.write_text("\n".join(lines) + "\n", encoding="latin-1")
+
+
+class _GzipMembers:
+    """A binary sink that gzips what it is given as :data:`GZIP_CHUNK`-byte members (compressed on a
+    thread pool) and appends them to ``fh`` in order: the same bytes :func:`write_gzip_parallel`
+    writes, with at most a few chunks in memory."""
+
+    def __init__(self, fh, pool, workers, *, level=1):
+        try:
+            from isal.igzip import compress
+        except ImportError:  # pragma: no cover - isal is a dependency
+            from gzip import compress
+        self._compress, self._fh, self._pool, self._level = compress, fh, pool, level
+        self._ahead = 2 * max(1, workers)  # members compressed ahead of the file
+        self._buf = bytearray()
+        self._pending = []
+
+    def write(self, data) -> None:
+        self._buf += data
+        while len(self._buf) >= GZIP_CHUNK:
+            chunk = bytes(self._buf[:GZIP_CHUNK])
+            del self._buf[:GZIP_CHUNK]
+            self._submit(chunk)
+
+    def _submit(self, chunk) -> None:
+        self._pending.append(self._pool.submit(self._compress, chunk, compresslevel=self._level, mtime=0))
+        while len(self._pending) > self._ahead:
+            self._fh.write(self._pending.pop(0).result())
+
+    def close(self) -> None:
+        if self._buf:
+            self._submit(bytes(self._buf))
+            self._buf = bytearray()
+        while self._pending:
+            self._fh.write(self._pending.pop(0).result())
+
+
+@contextlib.contextmanager
+def series_writer(path, shape, vox2ras, *, like: Volume | None = None, protect=(), dtype=np.float32,
+                  zooms_t: float | None = None):
+    """Write a NIfTI image volume by volume: yields ``put(volume)``, to call once per 3D volume.
+
+    Memory stays at a few volumes whatever the series' length: the header is written first, then
+    each volume's data (gzip members compressed on the fly for ``.gz``). Atomic like
+    :func:`save_volume` (every file of a pair); the block must put exactly ``shape[3]`` volumes (one
+    for a 3D ``shape``).
+
+    Parameters
+    ----------
+    path : str or Path
+        NIfTI destination (``.nii.gz``, ``.nii``, ``.hdr``/``.img`` pair).
+    shape : tuple of int
+        (I, J, K) or (I, J, K, T).
+    vox2ras : ndarray (4, 4)
+    like, protect, dtype
+        As for :func:`save_volume`.
+    zooms_t : float, optional
+        Time between volumes (s), kept in the header.
+
+    Raises
+    ------
+    OutputError
+        Not a NIfTI name, an input would be overwritten, or the write failed.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    dest = Path(path)
+    shape = tuple(int(s) for s in shape)
+    writer, suffixes = image_output(dest, ndim=len(shape))
+    if writer != "nifti":
+        raise OutputError("volume-by-volume writing needs a NIfTI name (.nii.gz, .nii, .hdr/.img)", path=dest)
+    dtype = np.dtype(dtype)
+    img = _nifti_image(np.broadcast_to(np.zeros((), dtype), shape), vox2ras, dest, like, dtype, zooms_t)
+    hdr = img.header
+    hdr["vox_offset"] = 0  # nibabel sets the smallest offset for a single file, keeps 0 for a pair
+    head = _io.BytesIO()
+    hdr.write_to(head)
+    head = head.getvalue()
+    if hdr.is_single:
+        head += bytes(max(int(hdr["vox_offset"]) - len(head), 0))
+    n_volumes = shape[3] if len(shape) == 4 else 1
+    written = 0
+
+    def put(volume):
+        nonlocal written
+        if tuple(volume.shape) != shape[:3] or written >= n_volumes:
+            raise OutputError(f"internal: volume {written} of shape {volume.shape} does not fit {shape}", path=dest)
+        sink.write(np.asarray(volume, dtype=hdr.get_data_dtype()).tobytes(order="F"))
+        written += 1
+
+    workers = os.cpu_count() or 1
+    with atomic_set(dest, suffixes, protect=protect) as tmps, ThreadPoolExecutor(workers) as pool:
+        def sink_for(fh, path):  # gzip members for .gz, the file itself otherwise
+            return _GzipMembers(fh, pool, workers) if path.name.lower().endswith(".gz") else fh
+
+        if hdr.is_single:
+            data_tmp = tmps[0]
+        else:  # a pair: the header file first, then the data (.img) file
+            data_first = suffixes[0].startswith(".img")
+            data_tmp, header_tmp = (tmps[0], tmps[1]) if data_first else (tmps[1], tmps[0])
+            with open(header_tmp, "wb") as fh:
+                header_sink = sink_for(fh, header_tmp)
+                header_sink.write(head)
+                if header_sink is not fh:
+                    header_sink.close()
+        with open(data_tmp, "wb") as fh:
+            sink = sink_for(fh, data_tmp)
+            if hdr.is_single:
+                sink.write(head)
+            yield put
+            if written != n_volumes:
+                raise OutputError(f"internal: {written} of {n_volumes} volumes written", path=dest)
+            if sink is not fh:
+                sink.close()

@@ -8,7 +8,12 @@ chunk and reduces the chunks in order, so results are bit-identical whatever the
 import math
 
 import numpy as np
-from numba import njit, prange
+
+from . import numba_cache
+
+numba_cache.ensure_usable()  # before the first @njit(cache=True): a read-only install must still run
+
+from numba import njit, prange  # noqa: E402
 
 #: Points per chunk for the parallel reductions (fixed, so results do not depend on thread count).
 CHUNK = 4096

@@ -159,7 +159,7 @@ def plot_profile(profile: Profile, path, *, title: str = "", protect=()) -> Path
     The PNG is written atomically.
     """
     from .io import atomic_path
-    from .qc import pyplot
+    from .qc import printable, pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(11, 6.2), sharey=True)
@@ -176,7 +176,7 @@ def plot_profile(profile: Profile, path, *, title: str = "", protect=()) -> Path
             ax.set_ylabel(profile.metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(title or f"{profile.metric} around the given pose", fontsize=11)
+    fig.suptitle(printable(title) or f"{profile.metric} around the given pose", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     dest = Path(path)
     with atomic_path(dest, protect=protect) as tmp:

@@ -385,6 +385,45 @@ def save_prior(path, prior, *, bins, meta: dict) -> None:
         np.savez(fh, prior=arr / arr.sum(), bins=np.array([fb, mb], dtype=np.int64), meta_json=np.array(meta_json))
 
 
+#: Largest arrays a prior file may declare, checked from the .npz headers before anything is read
+#: (bins are at most 512 per image; the metadata is a short JSON text).
+PRIOR_MAX_ELEMENTS = {"prior": 512 * 512, "bins": 2, "meta_json": 1}
+PRIOR_MAX_BYTES = 4 << 20
+
+
+def _check_prior_sizes(p: Path) -> None:
+    """Refuse a prior whose members declare more data than a prior can hold, from the zip directory
+    and each .npy header alone (a small file must not make regkl allocate gigabytes)."""
+    from numpy.lib import format as npy
+
+    try:
+        with zipfile.ZipFile(p) as zf:
+            for info in zf.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if info.file_size > PRIOR_MAX_BYTES:
+                    raise InputError(f"member {key!r} holds {info.file_size} bytes uncompressed; a prior holds at "
+                                     f"most {PRIOR_MAX_BYTES}", path=p)
+                with zf.open(info) as fh:
+                    version = npy.read_magic(fh)
+                    reader = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+                    if reader is None:
+                        raise InputError(f"member {key!r} is in .npy format {version}, which regkl does not read",
+                                         path=p)
+                    shape, _, dtype = reader(fh)
+                n = int(np.prod(shape, dtype=object))
+                limit = PRIOR_MAX_ELEMENTS.get(key)
+                if limit is not None and n > limit or n * dtype.itemsize > PRIOR_MAX_BYTES:
+                    raise InputError(f"member {key!r} declares a {'x'.join(map(str, shape))} array of {dtype}, larger "
+                                     f"than a prior can be (at most {PRIOR_MAX_ELEMENTS.get(key, 'a few')} "
+                                     "elements)", path=p)
+    except InputError:
+        raise
+    except zipfile.BadZipFile:
+        return  # not a zip: np.load below says what it is
+    except (OSError, ValueError, EOFError, TypeError) as exc:
+        raise InputError(f"cannot read prior file: {' '.join(str(exc).split())[:200]}", path=p) from None
+
+
 def load_prior(path):
     """Read and validate a prior written by :func:`save_prior`.
 
@@ -411,6 +450,7 @@ def load_prior(path):
         raise InputError("prior path is a folder, expected an .npz file", path=p)
     if not os.access(p, os.R_OK):
         raise InputError("prior file is not readable (permission denied)", path=p)
+    _check_prior_sizes(p)
     try:
         npz = np.load(p, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):

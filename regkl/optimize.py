@@ -171,12 +171,13 @@ def reachable_fraction(fixed: Volume, moving: Volume) -> float:
 def _too_few_points(fixed, moving, spacing, n, sampling, fixed_mask, roles):
     """InputError for a finest level with fewer than MIN_LEVEL_POINTS sample points, in the user's terms
     (``roles``: what the user calls the sampled image and the other one)."""
-    limiting = roles[1] if float(np.min(moving.spacing)) > float(np.min(fixed.spacing)) else roles[0]
+    limiting, limiting_name = ((roles[1], moving.name) if float(np.min(moving.spacing)) > float(np.min(fixed.spacing))
+                               else (roles[0], fixed.name))
     vox = "x".join(f"{v:.4g}" for v in fixed.spacing)
     where = f" inside the {roles[0]} mask" if fixed_mask is not None else ""
     text = (f"only {n} sample points{where} (at least {MIN_LEVEL_POINTS} are needed): the {roles[0]} image "
             f"({'x'.join(map(str, fixed.shape))} voxels of {vox} mm) is sampled at {spacing:.4g} mm, the voxel size "
-            f"of the {limiting} image")
+            f"of the {limiting} image ({limiting_name})")
     if sampling < 1.0:
         text += f", keeping a fraction {sampling:g} of the points (--sampling)"
     if sampling < 1.0 and n / sampling >= 2 * MIN_LEVEL_POINTS:
@@ -611,8 +612,12 @@ def evaluate_metric(moving: Volume | str, fixed: Volume | str, fixed2moving: np.
                         moving_mask=moving_mask, sampling=sampling, seed=seed)
     value, overlap, n_valid = probe(np.eye(4) if fixed2moving is None else fixed2moving)
     if value is None:
-        raise RegistrationError(f"the images do not overlap ({n_valid} of {probe.n_points} sample points inside the "
-                                "moving image)")
+        if n_valid == 0:
+            raise RegistrationError(f"the images do not overlap (none of the {probe.n_points} sample points of the "
+                                    "fixed image falls inside the moving image)")
+        raise RegistrationError(f"too little overlap to measure: {n_valid} of the {probe.n_points} sample points of "
+                                f"the fixed image fall inside the moving image, at least {probe.min_valid} are "
+                                "needed")
     return value, overlap
 
 

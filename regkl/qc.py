@@ -97,6 +97,12 @@ def _save_png(fig, plt, path, dpi, protect=()) -> bytes:
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of a file name that is not UTF-8 (held by Python as surrogates) shown
+    as ``\\xNN``, so fonts and UTF-8 files can take it."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def qc_figure(fixed: Volume, registered: Volume, path, *, title: str = "", n_slices: int = 5,
               edge_color: str = "#ff3030", checker_mm: float = 20.0) -> Path:
     """Write a PNG: fixed edges over the registered image, the reverse, and a checkerboard.
@@ -136,7 +142,7 @@ def qc_figure(fixed: Volume, registered: Volume, path, *, title: str = "", n_sli
                 _panel(ax, image, axis, s, edge, level, edge_color)
                 if c == 0:
                     ax.set_ylabel(f"{label}\n{vname}", color="white", fontsize=7)
-    fig.suptitle(title, color="white", fontsize=10)
+    fig.suptitle(printable(title), color="white", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     _save_png(fig, plt, path, 80)
     return Path(path)

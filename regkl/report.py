@@ -332,10 +332,10 @@ def write_report(rows, path, *, title: str = "regkl batch report", source: str =
     from .io import atomic_path
 
     page = render(rows, title=title, source=source)
-    # file names that are not UTF-8 (undecodable bytes kept as surrogates) are shown with U+FFFD
-    page = page.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     with atomic_path(path, protect=protect) as tmp:
-        Path(tmp).write_text(page, encoding="utf-8")
+        # file names that are not UTF-8: their odd bytes shown as \xNN (the page stays valid UTF-8)
+        Path(tmp).write_text(page.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
+                             encoding="utf-8")
     return Path(path)
 
 
@@ -396,6 +396,27 @@ def load_summary(path) -> tuple:
         bad = next((k for k in INPUT_FIELDS + OUTPUT_FIELDS if not isinstance(row.get(k) or "", str)), None)
         if bad:
             raise InputError(f"not a regkl batch summary (pair {i}: {bad!r} is not a path)", path=p)
+        for key, value in row.items():
+            expected = SUMMARY_FIELD_TYPES.get(key)
+            if expected is None or value is None:
+                continue
+            name, ok = expected
+            if not ok(value):
+                raise InputError(f"not a valid regkl batch summary: record {i} ({str(row.get('moving'))[:80]}) has "
+                                 f"{key} = {json.dumps(value)[:40]}, expected {name} or null", path=p)
     results_dir = next((d for d in (p.parent, p.parent.parent) if (d / "dataset_description.json").is_file()),
                        p.parent)
     return report_rows(rows, results_dir, dataset_root(results_dir)), p
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: Summary fields with a type (others are free): name -> (what the message says, check).
+SUMMARY_FIELD_TYPES = {
+    **{key: ("a number", _is_number) for key in ("metric_before", "metric_after", "confidence", "seconds")},
+    "suspect": ("true/false", lambda v: isinstance(v, bool)),
+    **{key: ("a text", lambda v: isinstance(v, str))
+       for key in ("subject", "session", "moving", "fixed", "output", "transform", "status", "metric", "error", "qc")},
+}

@@ -87,14 +87,40 @@ def _resample_cubic(data, m, shape, fill) -> np.ndarray:
     return out
 
 
-def apply_to_series(volumes, reference: Volume, fixed2moving: np.ndarray, *, interp: str = "linear",
-                    inverse: bool = False, fill: float = 0.0):
-    """Resample every volume of a series on ``reference``'s grid.
+def overlap_count(moving_shape, grid: Volume, grid2moving_vox: np.ndarray) -> int:
+    """Voxels of ``grid`` whose centre maps inside the moving grid (within half a voxel of its
+    outermost centres, as the interpolators decide), counted exactly, one i-plane at a time.
 
     Parameters
     ----------
-    volumes : list of Volume
-        The image to move (one volume, or every volume of a 4D series), all on one grid.
+    moving_shape : tuple of int
+        (I, J, K) of the moving image.
+    grid : Volume
+        Output grid.
+    grid2moving_vox : ndarray (4, 4)
+        Grid voxel index -> moving voxel index (:func:`vox2vox`).
+    """
+    s0, s1, s2 = grid.shape
+    jj, kk = np.meshgrid(np.arange(s1, dtype=np.float64), np.arange(s2, dtype=np.float64), indexing="ij")
+    plane = (grid2moving_vox[:3, 1:2] * jj.ravel() + grid2moving_vox[:3, 2:3] * kk.ravel()
+             + grid2moving_vox[:3, 3:4])
+    lo, hi = -0.5, np.asarray(moving_shape, dtype=np.float64)[:, None] - 0.5
+    count = 0
+    for i in range(s0):
+        coords = plane + grid2moving_vox[:3, 0:1] * i
+        count += int(np.count_nonzero(np.all((coords >= lo) & (coords <= hi), axis=0)))
+    return count
+
+
+def resample_series(volumes, reference: Volume, fixed2moving: np.ndarray, *, interp: str = "linear",
+                    inverse: bool = False, fill: float = 0.0):
+    """Resample every volume of a series on ``reference``'s grid, one at a time (a generator).
+
+    Parameters
+    ----------
+    volumes : sequence of Volume
+        The image to move (one volume, or every volume of a 4D series, e.g. :class:`regkl.io.Series`),
+        all on one grid; each is asked for only when it is resampled.
     reference : Volume
         Output grid (the FIXED image for a transform from ``regkl register``).
     fixed2moving : ndarray (4, 4)
@@ -105,13 +131,13 @@ def apply_to_series(volumes, reference: Volume, fixed2moving: np.ndarray, *, int
     fill : float
         Value outside the volumes' field of view and on their NaN voxels (see :func:`resample`).
 
-    Returns
-    -------
-    ndarray (I, J, K) or (I, J, K, T)
-        On ``reference``'s grid.
+    Yields
+    ------
+    ndarray (I, J, K)
+        Each volume on ``reference``'s grid, in order.
     """
     m = np.asarray(fixed2moving, dtype=np.float64)
     if inverse:
         m = np.linalg.inv(m)
-    out = [resample(v, reference, m, interp=interp, fill=fill).data for v in volumes]
-    return out[0] if len(out) == 1 else np.stack(out, axis=-1)
+    for t in range(len(volumes)):
+        yield resample(volumes[t], reference, m, interp=interp, fill=fill).data

@@ -15,6 +15,9 @@ from .volume import Volume
 #: Robust intensity range: these percentiles of the selected voxels bound the histogram.
 RANGE_PERCENTILES = (0.5, 99.5)
 
+#: Most histogram bins (a 16-bit image's every level; more only costs memory).
+MAX_BINS = 65536
+
 #: Voxels > 0 are used (no mask given) when at least this fraction of the voxels is > 0.
 MIN_FOREGROUND_FRACTION = 0.10
 
@@ -68,7 +71,7 @@ def image_stats(volume, *, bins: int = 64, mask=None) -> dict:
     volume : Volume or ndarray (I, J, K)
         The image; a plain array has ``voxel_mm`` None.
     bins : int
-        Number of histogram bins (>= 2).
+        Number of histogram bins (2 to :data:`MAX_BINS`).
     mask : ndarray (I, J, K) of bool or numbers, optional
         Voxels to describe (non-zero = inside).
 
@@ -102,8 +105,8 @@ def image_stats(volume, *, bins: int = 64, mask=None) -> dict:
             raise InputError(f"expected a 3D image, got shape {data.shape}")
         if data.dtype.kind not in "biuf":
             raise InputError(f"expected a numeric image, got dtype {data.dtype}")
-    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 2:
-        raise InputError(f"bins must be an integer >= 2, got {bins!r}")
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or not 2 <= bins <= MAX_BINS:
+        raise InputError(f"bins must be an integer from 2 to {MAX_BINS}, got {bins!r}")
     bins = int(bins)
     values, how = _select(data, mask)
 

@@ -2,76 +2,173 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import click
 
 
 def log(quiet):
     def say(msg):
         if not quiet:
-            click.echo(f"regkl: {msg}", err=True)
+            echo_err(f"regkl: {msg}")
     return say
 
 
+def echo_err(text: str, *, nl: bool = True) -> None:
+    """A progress or log line on stderr that can never stop the work: a closed stderr (``2>&1 |
+    head -1``) or a name the terminal's encoding cannot show must not end a batch."""
+    try:
+        click.echo(text, err=True, nl=nl)
+    except BrokenPipeError:
+        _silence_stderr()
+    except UnicodeEncodeError:
+        try:
+            click.echo(text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace"), err=True, nl=nl)
+        except (BrokenPipeError, OSError, ValueError):
+            _silence_stderr()
+    except (OSError, ValueError):  # stderr closed or gone
+        _silence_stderr()
+
+
+def _silence_stderr() -> None:
+    """Point file descriptor 2 at /dev/null (later writes, by us or by libraries, go nowhere)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def naming(label):
+    """Errors raised inside that name no file get ``label`` (the files the command works on), so
+    every message says what it is about: ``moving.nii.gz onto fixed.nii.gz: the images do not overlap``."""
+    from ..errors import RegklError
+
+    try:
+        yield
+    except RegklError as exc:
+        if exc.path is not None:
+            raise
+        raise type(exc)(exc.problem, path=label) from exc
+
+
+def pair_label(moving, fixed, transform=None) -> str:
+    """How messages name a pair of images (and the transform between them)."""
+    return f"{moving} onto {fixed}" + (f" with {transform}" if transform else "")
+
+
 def volume_option(value):
-    """--moving-volume: 'mean', 'median' or a 0-based volume index (checked before any image is read)."""
-    if value.isdigit():
-        return int(value)
-    if value in ("mean", "median"):
-        return value
-    raise click.BadParameter(f"expected mean, median or a volume index N >= 0, got {value!r}",
-                             param_hint="--moving-volume")
+    return int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
 
 
-class RegistryChoice(click.Choice):
-    """A choice among a registry's names, checked when the command line is parsed (before any image
-    is read); the message names what was given and lists the valid names.
+# --------------------------------------------------------------------------------------------------
+# option types: every value is checked when the command line is parsed, before any image is read
 
-    The registry (``module.attribute``, a dict) is imported on first use, so defining the commands
-    does not import it: the command line starts fast.
-    """
 
-    def __init__(self, module, attribute, what):  # noqa: D107 - click.Choice's choices come from the registry
-        self._registry = (module, attribute)
-        self.what = what
-        self.case_sensitive = True
-
-    @property
-    def choices(self):
-        import importlib
-
-        module, attribute = self._registry
-        return tuple(getattr(importlib.import_module(module), attribute))
+class Finite(click.FloatRange):
+    """A float in a range that is also finite (click's FloatRange lets NaN through)."""
 
     def convert(self, value, param, ctx):
-        if value in self.choices:
-            return value
-        self.fail(f"unknown {self.what} {value!r}; choose one of {', '.join(self.choices)}", param, ctx)
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class VolumeChoice(click.ParamType):
+    """How a 4D image becomes one volume: mean, median or a volume index (negative from the end)."""
+
+    name = "mean|median|N"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if text in ("mean", "median"):
+            return text
+        if text.lstrip("-").isdigit():
+            return int(text)
+        self.fail(f"expected mean, median or a volume index (0, 1, ..., or -1 for the last), got {value!r}.", param, ctx)
+
+
+class Registry(click.ParamType):
+    """A name from one of regkl's registries (metrics, models), listed in the error; ``multiple``
+    accepts a comma-separated list."""
+
+    def __init__(self, what, names, *, multiple=False):
+        self.name, self._names, self._multiple = what, names, multiple
+
+    def convert(self, value, param, ctx):
+        names = self._names()
+        given = [v.strip() for v in str(value).split(",")] if self._multiple else [str(value).strip()]
+        if not any(given):
+            self.fail(f"the value is empty; choose {'one or more' if self._multiple else 'one'} of {', '.join(names)}.",
+                      param, ctx)
+        for name in given:
+            if name not in names:
+                self.fail(f"unknown {self.name.split('[')[0]} {name!r}; choose one of {', '.join(names)}.",
+                          param, ctx)
+        return ",".join(given) if self._multiple else given[0]
+
+
+def _metric_names():
+    from ..metrics import METRICS
+
+    return list(METRICS)
+
+
+def _model_names():
+    from ..transforms import MODELS
+
+    return list(MODELS)
+
+
+def _format_names():
+    from ..xfm import FORMATS
+
+    return list(FORMATS)
+
+
+METRIC = Registry("metric", _metric_names)
+METRICS = Registry("metric[,metric...]", _metric_names, multiple=True)
+MODEL = Registry("model", _model_names)
+#: Histogram bins of the registration metrics (regkl.optimize checks the same range).
+BINS = click.IntRange(8, 512)
+SEED = click.IntRange(0, 2**32 - 1)
+SAMPLING = Finite(0.0, 1.0, min_open=True)
+MAX_ITER = click.IntRange(1, 100000)
+MAX_SECONDS = Finite(0.0, min_open=True)
+LEVELS = click.IntRange(1, 6)
+POSITIVE = click.IntRange(1)
+
+
+def check_environment() -> None:
+    """Refuse (one line, exit 2) settings in the environment regkl or Numba cannot use."""
+    import os
+
+    from ..errors import InputError
+
+    threads = os.environ.get("NUMBA_NUM_THREADS")
+    if threads is not None and threads.strip() and not (threads.strip().isdigit() and int(threads) >= 1):
+        raise InputError(f"NUMBA_NUM_THREADS={threads!r} is not a positive number of threads; set it to 1 or more, "
+                         "or unset it (use --threads to choose per run)")
+    limit = os.environ.get("REGKL_MEMORY_LIMIT_GB")
+    if limit is not None and limit.strip():
+        try:
+            ok = math.isfinite(float(limit)) and float(limit) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InputError(f"REGKL_MEMORY_LIMIT_GB={limit!r} is not a positive number of GiB; set it (e.g. 8) "
+                             "or unset it")
 
 
 def format_option(*names, help_text, dest="fmt"):
-    """A transform-format option: a choice of :data:`regkl.xfm.FORMATS` (default: told by the file)."""
-    return click.option(*names, dest, type=RegistryChoice("regkl.xfm", "FORMATS", "transform format"), default=None,
-                        help=help_text)
-
-
-def metric_names(value, param_hint="--metric"):
-    """Names of a comma-separated --metric value, each checked against the metric registry."""
-    from ..metrics import METRICS
-
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    bad = [n for n in names if n not in METRICS]
-    if not names or bad:
-        raise click.BadParameter(f"unknown metric {', '.join(map(repr, bad)) or '(none given)'}; choose one of "
-                                 f"{', '.join(METRICS)}", param_hint=param_hint)
-    return names
-
-
-def model_choice():
-    return RegistryChoice("regkl.transforms", "MODELS", "model")
-
-
-def metric_choice():
-    return RegistryChoice("regkl.metrics", "METRICS", "metric")
+    """A transform-format option: a name of :data:`regkl.xfm.FORMATS` (default: told by the file)."""
+    return click.option(*names, dest, type=Registry("transform format", _format_names), default=None, help=help_text)
 
 
 def set_threads(threads):
@@ -113,10 +210,21 @@ def warm_kernels_in_background():
     return thread
 
 
+def check_picture_output(path):
+    """Refuse, before any work, a picture output whose name does not end in .png (what is written)."""
+    from ..errors import OutputError
+
+    if path and path != "-" and not str(path).lower().endswith(".png"):
+        raise OutputError("pictures are written as PNG; name the output *.png", path=path)
+
+
 def check_output(path, inputs):
     """Refuse, before any work, an output that would overwrite an input or cannot be written."""
+    from ..errors import OutputError
     from ..io import check_output_path
 
     if path is None or path == "-":
         return
+    if not str(path).strip():
+        raise OutputError("an output file name is empty; give a file name")
     check_output_path(path, protect=inputs)

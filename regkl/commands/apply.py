@@ -15,7 +15,8 @@ from ._common import check_output, format_option, log
 @click.argument("transform", type=click.Path(dir_okay=False))
 @click.argument("moving", type=click.Path(dir_okay=True))
 @click.argument("reference", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Resampled image (NIfTI for 4D).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Resampled image: .nii.gz, .nii, .hdr/.img, .nrrd, .mha, .mhd (a 4D series: NIfTI); "
+              "written one volume at a time.")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear", show_default=True,
               help="Interpolation; nearest keeps the values and data type (label maps).")
 @click.option("--fill", default=0.0, show_default=True, type=float,
@@ -40,24 +41,37 @@ def apply_cmd(transform, moving, reference, output, interp, fill, inverse, fmt, 
       regkl apply bold2T1w.tfm sub-01_bold.nii.gz sub-01_T1w.nii.gz -o bold_in_T1w.nii.gz
       regkl apply bold2T1w.tfm aparc_T1w.nii.gz bold_ref.nii.gz --inverse --interp nearest -o aparc_in_bold.nii.gz
     """
-    from ..io import load_series, load_volume, save_array
-    from ..resample import apply_to_series
+    from ..io import check_image_output, load_volume, open_series, save_volume, series_writer
+    from ..resample import resample_series
     from ..xfm import read_transform
 
     t0 = time.perf_counter()
     say = log(quiet)
-    check_output(output, (moving, reference, transform))
+    protect = (moving, reference, transform)
+    check_output(output, protect)
+    check_image_output(output, protect=protect)
     transform_file = read_transform(transform, fmt)
-    volumes, header = load_series(moving)
+    volumes, header = open_series(moving)
     ref = load_volume(reference, volume=0, allow_constant=True)
+    check_image_output(output, protect=protect, ndim=3 if len(volumes) == 1 else 4)
     # FSL/AFNI matrices relate the two grids: REFERENCE is the fixed one (the moving one with --inverse)
     matrix = transform_file.fixed2moving(*((volumes[0], ref) if inverse else (ref, volumes[0])))
-    dtype = volumes[0].data.dtype if interp != "nearest" else _stored_dtype(header, volumes[0].data.dtype)
+    _check_overlap(volumes, ref, matrix, inverse, transform, moving, reference)
+    dtype = np.dtype(np.float32 if interp != "nearest" else _stored_dtype(header, volumes[0].data.dtype))
     _check_fill_fits(fill, dtype, moving)
-    out = apply_to_series(volumes, ref, matrix, interp=interp, inverse=inverse, fill=fill)
+    _check_room(volumes, ref, dtype, output)
     zooms_t = float(header.get_zooms()[3]) if header is not None and len(header.get_zooms()) > 3 else None
-    save_array(out, ref.vox2ras, output, like=ref, protect=(moving, reference, transform),
-               dtype=np.float32 if interp != "nearest" else dtype, zooms_t=zooms_t)
+    resampled = resample_series(volumes, ref, matrix, interp=interp, inverse=inverse, fill=fill)
+    if len(volumes) == 1 and not output.lower().endswith((".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")):
+        from ..volume import Volume
+
+        save_volume(Volume(next(resampled), ref.vox2ras), output, like=ref, protect=protect, dtype=dtype)
+    else:
+        shape = ref.shape + ((len(volumes),) if len(volumes) > 1 else ())
+        with series_writer(output, shape, ref.vox2ras, like=ref, protect=protect, dtype=dtype,
+                           zooms_t=zooms_t) as put:
+            for volume in resampled:
+                put(volume)
     say(f"{len(volumes)} volume(s) resampled on {reference} in {time.perf_counter() - t0:.2f} s")
     if as_json:
         click.echo(json.dumps({"transform": transform, "transform_format": transform_file.format, "moving": moving,
@@ -75,6 +89,48 @@ def _check_fill_fits(fill, dtype, moving):
         if not (np.isfinite(fill) and info.min <= fill <= info.max and float(fill).is_integer()):
             raise InputError(f"--fill {fill:g} cannot be stored in this image's {np.dtype(dtype).name} data "
                              f"(--interp nearest keeps the data type; integers {info.min} to {info.max})", path=moving)
+
+
+def _check_overlap(volumes, ref, matrix, inverse, transform, moving, reference):
+    """Refuse a transform that maps no voxel of the reference grid inside the moving image (the
+    output would be all fill), as register, metric and profile refuse images that do not overlap."""
+    from ..errors import RegistrationError
+    from ..resample import overlap_count, vox2vox
+
+    m = np.linalg.inv(matrix) if inverse else matrix
+    if overlap_count(volumes.shape, ref, vox2vox(volumes[0], ref, m)) == 0:
+        hint = ("check that it maps REFERENCE's world to MOVING's (without --inverse)" if inverse else
+                "check that it maps REFERENCE's world to MOVING's (fixed->moving), or use --inverse "
+                "if it goes the other way")
+        raise RegistrationError(f"the transform maps no voxel of {reference} inside {moving}: the output would "
+                                f"hold no image data; {hint}", path=transform)
+
+
+def _check_room(volumes, ref, dtype, output):
+    """Memory for the output (a few volumes of the reference grid: the series is written one volume
+    at a time) and, for an uncompressed output, disk space; refused before any work, with figures."""
+    import math
+    import os
+    import shutil
+
+    from ..errors import InputError, OutputError
+    from ..io import _gib, available_memory
+
+    n3 = math.prod(ref.shape)
+    need = n3 * (4 * 3 + dtype.itemsize * 2) + (64 << 20)  # resampled, F-order and typed copies; gzip chunks
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise InputError(f"resampling on this grid {ref.shape} needs about {_gib(need)} GiB of memory, but only "
+                         f"{_gib(avail)} GiB is available (set REGKL_MEMORY_LIMIT_GB to override)", path=ref.name)
+    if not output.lower().endswith(".gz"):
+        size = n3 * len(volumes) * dtype.itemsize
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(output))).free
+        except OSError:
+            return
+        if size > free:
+            raise OutputError(f"the output needs {_gib(size)} GiB of disk space, only {_gib(free)} GiB is free "
+                              "(write .nii.gz to compress it)", path=output)
 
 
 def _stored_dtype(header, default):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from ._common import check_output, load_prior, log, metric_choice, model_choice, volume_option
+from ._common import (BINS, METRIC, MODEL, POSITIVE, SAMPLING, SEED, VolumeChoice, check_output, echo_err,
+                      load_prior, log, volume_option)
 
 
 class _Progress:
@@ -32,14 +33,13 @@ class _Progress:
         if self.tty:
             width = 30
             fill = int(width * self.done / max(self.total, 1))
-            click.echo(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
-                       f"({self.failed} failed) ETA {eta:4.0f} s  {name[:40]:40s}", err=True, nl=False)
+            echo_err(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
+                     f"({self.failed} failed) ETA {eta:4.0f} s  {name[:40]:40s}", nl=False)
             if self.done == self.total:
-                click.echo("", err=True)
+                echo_err("")
         else:
             extra = f": {row['error']}" if row["status"] == "failed" else ""
-            click.echo(f"regkl: {self.done}/{self.total} {row['status']} {name} ({row['seconds']:.1f} s){extra}",
-                       err=True)
+            echo_err(f"regkl: {self.done}/{self.total} {row['status']} {name} ({row['seconds']:.1f} s){extra}")
 
 
 @click.command("batch")
@@ -50,21 +50,20 @@ class _Progress:
               "the nearest parent.")
 @click.option("--suffixes", default="bold,sbref,dwi", show_default=True,
               help="BIDS suffixes of the images to register.")
-@click.option("-j", "--jobs", "n_jobs", type=int, default=None,
+@click.option("-j", "--jobs", "n_jobs", type=POSITIVE, default=None,
               help="Parallel processes [default: one per core, each with cores/jobs Numba threads].")
 @click.option("--dask-scheduler", help="Run on an existing Dask cluster (address, e.g. tcp://host:8786).")
 @click.option("--force", is_flag=True, help="Redo pairs whose outputs are already complete.")
-@click.option("--model", default="rigid", show_default=True, type=model_choice(), help="As for register.")
-@click.option("--metric", default="mi", show_default=True, type=metric_choice(),
-              help="As for register (kl needs --prior).")
+@click.option("--model", default="rigid", show_default=True, type=MODEL, help="As for register.")
+@click.option("--metric", default="mi", show_default=True, type=METRIC, help="As for register (kl needs --prior).")
 @click.option("--prior", type=click.Path(dir_okay=False), help="Prior for --metric kl.")
-@click.option("--bins", default=24, show_default=True, type=int)
-@click.option("--sampling", default=0.5, show_default=True, type=float)
+@click.option("--bins", default=24, show_default=True, type=BINS)
+@click.option("--sampling", default=0.5, show_default=True, type=SAMPLING)
 @click.option("--search", type=click.Choice(["none", "auto", "full"]), default="auto", show_default=True)
 @click.option("--auto-mask", is_flag=True, help="As for register.")
-@click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
+@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(), help="4D reduction: mean, median or N.")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--report", "report_out", type=click.Path(dir_okay=False),
               help="HTML report of every pair (QC pictures, confidence, errors; worst first); an .html "
                    "name [default: regkl_report.html in the results folder].")
@@ -97,6 +96,9 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     from ..io import stale_temp_files
     from ..report import report_rows, write_report
 
+    from ..numba_cache import ensure_usable
+
+    ensure_usable()  # before the workers start: they inherit a fallback cache folder
     rootp = Path(root)
     if not rootp.is_dir():
         raise InputError("no such folder", path=root)

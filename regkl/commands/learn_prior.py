@@ -7,14 +7,14 @@ import json
 import click
 
 from .. import __version__
-from ._common import check_output, format_option, log, volume_option
+from ._common import BINS, VolumeChoice, check_output, format_option, log, naming, volume_option
 
 
 @click.command("learn-prior")
 @click.argument("pairs", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Prior file (.npz).")
-@click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins (use the same to register).")
-@click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
+@click.option("--bins", default=24, show_default=True, type=BINS, help="Histogram bins (use the same to register).")
+@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(), help="4D reduction: mean, median or N.")
 @format_option("--transform-format", help_text="Format of the pairs' TRANSFORM files when their content and suffix "
                "do not say (a bare 4x4 matrix: fsl or ras).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -42,8 +42,8 @@ def learn_prior_cmd(pairs, output, bins, moving_volume, fmt, as_json, quiet, deb
     check_output(output, [q for p in pairs for q in p.split(",") if q])
     split = [pair.split(",") for pair in pairs]
     for pair, parts in zip(pairs, split):
-        if len(parts) not in (2, 3):
-            raise InputError(f"a pair is MOVING,FIXED or MOVING,FIXED,TRANSFORM, got {pair!r}")
+        if len(parts) not in (2, 3) or not all(part.strip() for part in parts):
+            raise InputError(f"a pair is MOVING,FIXED or MOVING,FIXED,TRANSFORM (no empty part), got {pair!r}")
     transforms = [read_transform(parts[2], fmt, option="--transform-format") if len(parts) == 3 else None
                   for parts in split]  # every transform file checked before any image is read
     loaded = []
@@ -51,7 +51,8 @@ def learn_prior_cmd(pairs, output, bins, moving_volume, fmt, as_json, quiet, deb
         moving, fixed = load_volume(parts[0], volume=volume), load_volume(parts[1])
         loaded.append((moving, fixed, None if transform_file is None else transform_file.fixed2moving(fixed, moving)))
         say(f"pair {len(loaded)}: {parts[0]} -> {parts[1]}")
-    prior = learn_prior(loaded, bins=bins)
+    with naming(", ".join(pairs)):
+        prior = learn_prior(loaded, bins=bins)
     meta = {"pairs": list(pairs), "regkl_version": __version__}
     save_prior(output, prior, bins=bins, meta=meta)
     if as_json:

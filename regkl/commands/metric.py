@@ -6,20 +6,20 @@ import json
 
 import click
 
-from ._common import format_option, load_prior, metric_names, volume_option
+from ._common import BINS, METRICS, VolumeChoice, format_option, load_prior, naming, pair_label, volume_option
 
 
 @click.command("metric")
 @click.argument("moving", type=click.Path(dir_okay=True))
 @click.argument("fixed", type=click.Path(dir_okay=True))
-@click.option("--metric", "metric_list", default="mi", show_default=True,
+@click.option("--metric", "metric_list", default="mi", show_default=True, type=METRICS,
               help="Metric name, or several separated by commas (mi, nmi, cr, jsd, kl).")
 @click.option("--transform", type=click.Path(dir_okay=False), help="Transform to apply first (fixed->moving; "
               "any file `apply` reads); default: the headers as they are.")
 @format_option("--transform-format", help_text="Format of --transform when its content and suffix do not say.")
 @click.option("--prior", type=click.Path(dir_okay=False), help="Prior for kl.")
-@click.option("--bins", default=24, show_default=True, type=click.IntRange(8, 512), help="Histogram bins.")
-@click.option("--moving-volume", default="mean", show_default=True, help="4D reduction: mean, median or N.")
+@click.option("--bins", default=24, show_default=True, type=BINS, help="Histogram bins (8 to 512).")
+@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(), help="4D reduction: mean, median or N.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of one line per metric.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def metric_cmd(moving, fixed, metric_list, transform, fmt, prior, bins, moving_volume, as_json, debug):
@@ -31,7 +31,7 @@ def metric_cmd(moving, fixed, metric_list, transform, fmt, prior, bins, moving_v
     from ..optimize import evaluate_metric
     from ..xfm import read_transform
 
-    names = metric_names(metric_list)
+    names = metric_list.split(",")  # checked against the registry by the option type
     volume = volume_option(moving_volume)
     if fmt is not None and transform is None:
         raise click.UsageError("--transform-format needs --transform")
@@ -42,8 +42,8 @@ def metric_cmd(moving, fixed, metric_list, transform, fmt, prior, bins, moving_v
     m = None if transform_file is None else transform_file.fixed2moving(fixed_vol, moving_vol)
     out = {}
     for name in names:
-        value, overlap = evaluate_metric(moving_vol, fixed_vol, m, metric=name, bins=bins,
-                                         prior=priors[name])
+        with naming(pair_label(moving, fixed, transform)):
+            value, overlap = evaluate_metric(moving_vol, fixed_vol, m, metric=name, bins=bins, prior=priors[name])
         out[name] = value
     if as_json:
         click.echo(json.dumps({"moving": moving, "fixed": fixed, "transform": transform, "overlap": overlap,

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from ._common import check_output
+from ._common import check_output, check_picture_output, naming
 
 
 @click.command("qc")
@@ -14,7 +14,7 @@ from ._common import check_output
 @click.argument("registered", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
 @click.option("--title", default=None, help="Title [default: the file names].")
-@click.option("--slices", default=5, show_default=True, type=int, help="Slices per view.")
+@click.option("--slices", default=5, show_default=True, type=click.IntRange(1, 20), help="Slices per view (1 to 20).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def qc_cmd(fixed, registered, output, title, slices, debug):
     """QC picture of REGISTERED (on FIXED's grid, e.g. regkl register -o) against FIXED.
@@ -26,7 +26,9 @@ def qc_cmd(fixed, registered, output, title, slices, debug):
     from ..qc import qc_figure
 
     check_output(output, (fixed, registered))
+    check_picture_output(output)
     fixed_vol = load_volume(fixed)
     reg_vol = load_volume(registered, volume=0)
-    qc_figure(fixed_vol, reg_vol, output, n_slices=slices,
-              title=title or f"{os.path.basename(registered)} on {os.path.basename(fixed)}")
+    with naming(f"{registered} on {fixed}"):
+        qc_figure(fixed_vol, reg_vol, output, n_slices=slices,
+                  title=title or f"{os.path.basename(registered)} on {os.path.basename(fixed)}")

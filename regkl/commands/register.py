@@ -12,8 +12,9 @@ import numpy as np
 
 from .. import __version__
 from ..errors import RegklError
-from ._common import (check_output, format_option, load_prior, log, metric_choice, model_choice, set_threads,
-                      volume_option, warm_kernels_in_background)
+from ._common import (BINS, LEVELS, MAX_ITER, MAX_SECONDS, METRIC, MODEL, POSITIVE, SAMPLING, SEED, VolumeChoice, echo_err,
+                      check_output, check_picture_output, format_option, load_prior, log, naming, pair_label,
+                      set_threads, volume_option, warm_kernels_in_background)
 
 
 EXAMPLES = """
@@ -50,18 +51,18 @@ Examples:
                "suffix do not say (a bare 4x4 matrix: fsl or ras).")
 @click.option("--qc", "qc_out", type=click.Path(dir_okay=False), help="QC picture (PNG): edges, reverse edges, "
               "checkerboard in three views.")
-@click.option("--model", default="rigid", show_default=True, type=model_choice(),
+@click.option("--model", default="rigid", show_default=True, type=MODEL,
               help="Transform model: translation, rigid, similarity (rigid + scale), affine; similarity and "
                    "affine run a rigid stage first.")
-@click.option("--metric", default="mi", show_default=True, type=metric_choice(),
+@click.option("--metric", default="mi", show_default=True, type=METRIC,
               help="Similarity metric: mi (mutual information), nmi (normalised MI), cr (correlation ratio), "
                    "jsd (Jensen-Shannon), kl (KL divergence to a learned prior; needs --prior).")
 @click.option("--prior", type=click.Path(dir_okay=False), help="Prior joint histogram for --metric kl "
               "(from regkl learn-prior).")
-@click.option("--bins", default=24, show_default=True, type=click.IntRange(8, 512), help="Histogram bins.")
-@click.option("--sampling", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
+@click.option("--bins", default=24, show_default=True, type=BINS, help="Histogram bins (8 to 512).")
+@click.option("--sampling", default=0.5, show_default=True, type=SAMPLING,
               help="Fraction of fixed grid points used at each level (regular grid, seeded jitter).")
-@click.option("--levels", type=click.IntRange(1, 6), default=None, help="Pyramid levels [default: from voxel sizes].")
+@click.option("--levels", type=LEVELS, default=None, help="Pyramid levels [default: from voxel sizes].")
 @click.option("--init", "init", type=click.Choice(["com", "geometry", "header"]), default=None,
               help="Start: align centres of mass, grid centres, or trust the headers [default: com].")
 @click.option("--search", type=click.Choice(["none", "auto", "full"]), default=None,
@@ -74,18 +75,18 @@ Examples:
               "(any grid, on the moving image's world) count.")
 @click.option("--auto-mask", is_flag=True, help="Build head/brain masks from the images where no mask is given "
               "(neck, eyes and background then do not steer the result).")
-@click.option("--moving-volume", default="mean", show_default=True,
+@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(),
               help="4D moving image reduced by mean, median or a volume index N (0-based).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear",
               show_default=True, help="Interpolation of the output image.")
 @click.option("--fill", default=0.0, show_default=True, type=float,
               help="Output value where the fixed grid falls outside the moving image or on its NaN (no-data) "
                    "voxels (e.g. -1024 for CT in Hounsfield units; ANTs --default-value).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the point sampling.")
-@click.option("--max-iter", default=100, show_default=True, type=int, help="Optimiser iterations per level.")
-@click.option("--max-seconds", default=600.0, show_default=True, type=float,
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the point sampling.")
+@click.option("--max-iter", default=100, show_default=True, type=MAX_ITER, help="Optimiser iterations per level.")
+@click.option("--max-seconds", default=600.0, show_default=True, type=MAX_SECONDS,
               help="Time limit: past it the registration stops with exit code 1.")
-@click.option("--threads", type=int, default=None, help="Numba threads [default: all cores or NUMBA_NUM_THREADS].")
+@click.option("--threads", type=POSITIVE, default=None, help="Numba threads [default: all cores or NUMBA_NUM_THREADS].")
 @click.option("--confidence", is_flag=True, help="Assess the result without ground truth (restart drift and "
               "agreement, optimum sharpness, MI/entropy): score and suspect flag in --json and on stderr.")
 @click.option("--fail-on-suspect", is_flag=True, help="Exit with code 1 when the result is flagged suspect "
@@ -128,6 +129,12 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     if matrix_out:
         output_format(matrix_out, "ras", option="--matrix-out")
     start = None if init_transform is None else read_transform(init_transform, init_fmt, option="--init-format")
+    if output:
+        from ..io import check_image_output
+
+        check_image_output(output, protect=inputs)
+    if qc_out:
+        check_picture_output(qc_out)
     warm = warm_kernels_in_background()
     fixed_vol = load_volume(fixed, volume="mean")
     moving_vol = load_volume(moving, volume=volume)
@@ -137,11 +144,12 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     if moving_vol.note:
         say(f"moving reference: {moving_vol.note}")
     init_matrix = None if start is None else start.fixed2moving(fixed_vol, moving_vol)
-    result = run_register(moving_vol, fixed_vol, model=model, metric=metric, prior=prior_table, bins=bins,
-                          sampling=sampling, levels=levels, init=init or "com", init_fixed2moving=init_matrix,
-                          search=search, fixed_mask=fixed_mask_vol,
-                          moving_mask=moving_mask_vol, auto_mask=auto_mask, seed=seed, max_iter=max_iter,
-                          max_seconds=max_seconds, confidence=confidence or fail_on_suspect, log=say)
+    with naming(pair_label(moving, fixed)):
+        result = run_register(moving_vol, fixed_vol, model=model, metric=metric, prior=prior_table, bins=bins,
+                              sampling=sampling, levels=levels, init=init or "com", init_fixed2moving=init_matrix,
+                              search=search, fixed_mask=fixed_mask_vol, moving_mask=moving_mask_vol,
+                              auto_mask=auto_mask, seed=seed, max_iter=max_iter, max_seconds=max_seconds,
+                              confidence=confidence or fail_on_suspect, log=say)
     from ..io import output_group
 
     printed = False
@@ -173,8 +181,8 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
         for row in result.fixed2moving:
             click.echo(" ".join(f"{v: .8f}" for v in row))
     if fail_on_suspect and result.confidence.suspect:
-        click.echo(f"regkl: error: {moving}: registration flagged suspect (confidence "
-                   f"{result.confidence.score:.2f}); see --json evidence or --qc", err=True)
+        echo_err(f"regkl: error: {moving}: registration flagged suspect (confidence "
+                 f"{result.confidence.score:.2f}); see --json evidence or --qc")
         sys.exit(1)
 
 

@@ -7,11 +7,14 @@ import json
 import click
 import numpy as np
 
+from ..stats import MAX_BINS
+from ._common import naming
 
 
 @click.command("stats")
 @click.argument("image", type=click.Path(dir_okay=True))
-@click.option("--bins", default=64, show_default=True, type=int, help="Histogram bins.")
+@click.option("--bins", default=64, show_default=True, type=click.IntRange(2, MAX_BINS),
+              help=f"Histogram bins (2 to {MAX_BINS}).")
 @click.option("--mask", type=click.Path(dir_okay=False), help="Only voxels inside this mask (same grid).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of one line per value.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -32,7 +35,8 @@ def stats_cmd(image, bins, mask, as_json, debug):
         if mvol.shape != vol.shape:
             raise InputError(f"mask shape {mvol.shape} differs from the image's {vol.shape}", path=mask)
         mask_data = mvol.data > 0
-    result = image_stats(vol, bins=bins, mask=mask_data)
+    with naming(image if mask is None else f"{image} in {mask}"):
+        result = image_stats(vol, bins=bins, mask=mask_data)
     if as_json:
         click.echo(json.dumps({"image": image, **result}, default=_jsonable))
     else:
