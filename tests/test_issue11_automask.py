@@ -115,3 +115,27 @@ def test_json_reports_metric_change_per_level_and_overall(tmp_path, capsys, temp
     assert out["levels"][-1]["metric_initial"] == pytest.approx(out["metric_before"], rel=1e-9)
     gain = out["confidence"]["evidence"]["metric_gain"]
     assert gain == pytest.approx((out["metric_after"] - out["metric_before"]) / out["metric_before"], abs=1e-5)
+
+
+def test_confidence_flags_a_metric_that_fell(template, brain):
+    """The same converged solution is flagged when its metric ended lower than the start, not otherwise."""
+    from regkl.confidence import assess
+    from regkl.optimize import MetricProbe, _Objective, _refine
+    from regkl.transforms import get_model
+
+    fixed = synthetic.make_t1(template, voxel_mm=4.0)
+    rng = np.random.default_rng(8)
+    truth = synthetic.random_rigid(rng, 5.0, 5.0, brain.mean(axis=0))
+    epi = synthetic.make_epi(template, truth, rng, voxel_mm=4.0)
+    result = register(epi, fixed)
+    probe = MetricProbe(epi, fixed, sampling=0.5)
+    rigid = get_model("rigid")
+    fine = _Objective(probe.level.samples, probe.level.moving, rigid, probe.metric_fn, result.centre,
+                      rigid.scales(60.0), None, 0.008)
+    params = rigid.from_matrix(result.fixed2moving, result.centre)
+    fell = assess(fine, params, result.centre, _refine, metric_gain=-0.01, workers=1)
+    rose = assess(fine, params, result.centre, _refine, metric_gain=0.2, workers=1)
+    assert fell.suspect and fell.subscores["metric_gain"] == 0.0
+    assert not rose.suspect and rose.subscores["metric_gain"] == 1.0
+    assert {k: v for k, v in fell.evidence.items() if k != "metric_gain"} == \
+        {k: v for k, v in rose.evidence.items() if k != "metric_gain"}
