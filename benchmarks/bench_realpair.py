@@ -13,8 +13,11 @@ vector and translation interpolated linearly, t = 0 at regkl, 1 at the tool, fro
   distortion and dropout sit) left out;
 * ``edge_sup``: correlation of the gradient magnitudes of the T2w and of the resampled b0 over
   the same superior points (boundary alignment of the ventricles and the brain outline);
-* ``ncc_sup``: negative correlation of the intensities there (the b0's CSF is bright, the T2w's
-  too, so plain correlation is meaningful).
+* ``ncc_sup``: correlation of the intensities there (the b0's CSF is bright, the T2w's too, so
+  plain correlation is meaningful);
+* ``mattes`` and ``mattes_sup``: the anchors' kind of metric, SimpleITK's Mattes MI (50 bins, all
+  fixed voxels, linear interpolation) of the whole images and with the superior region as the fixed
+  mask (``ImageRegistrationMethod.MetricEvaluate``; sign turned so that higher is better).
 
 Each curve's maximum along the path is printed (t_best; 0 = regkl's pose, 1 = the tool's). A
 picture (benchmarks/figures/realpair_profiles.png) shows the curves; another
@@ -50,6 +53,7 @@ from regkl.volume import Volume  # noqa: E402
 SHARED = Path(syn.default_shared_dir()) / "real_b0_t2w"
 FIG = REPO / "benchmarks" / "figures"
 TS = np.linspace(-0.5, 1.5, 21)
+MEASURES = ("mi", "mi_sup", "edge_sup", "ncc_sup", "mattes", "mattes_sup")
 
 
 def interpolate(a, b, t):
@@ -80,14 +84,45 @@ def grad_mag(vol: Volume) -> np.ndarray:
     return np.sqrt(sum(x * x for x in g))
 
 
-def measures(b0, t2, t2_edges, sup, probe_all, probe_sup, pose):
+class Mattes:
+    """SimpleITK's Mattes MI at a RAS fixed->moving pose (higher is better), optionally in a fixed mask."""
+
+    def __init__(self, b0, t2, mask=None):
+        import SimpleITK as sitk
+
+        from regkl.io import array_to_sitk
+
+        self.sitk = sitk
+        self.moving = sitk.Cast(array_to_sitk(b0.data, b0.vox2ras), sitk.sitkFloat32)
+        self.fixed = sitk.Cast(array_to_sitk(t2.data, t2.vox2ras), sitk.sitkFloat32)
+        self.mask = None if mask is None else sitk.Cast(array_to_sitk(mask.data, mask.vox2ras), sitk.sitkUInt8)
+
+    def __call__(self, pose):
+        from regkl.xfm import ras_to_lps
+
+        sitk = self.sitk
+        lps = ras_to_lps(pose)
+        tx = sitk.AffineTransform(3)
+        tx.SetMatrix(lps[:3, :3].ravel().tolist())
+        tx.SetTranslation(lps[:3, 3].tolist())
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
+        reg.SetInterpolator(sitk.sitkLinear)
+        if self.mask is not None:
+            reg.SetMetricFixedMask(self.mask)
+        reg.SetInitialTransform(tx)
+        return -float(reg.MetricEvaluate(self.fixed, self.moving))
+
+
+def measures(b0, t2, t2_edges, sup, probe_all, probe_sup, pose, mattes=(None, None)):
     reg = resample(b0, t2, pose, interp="linear")
     inside = (sup.data > 0.5) & (reg.data > 0)
     e = grad_mag(reg)[inside]
     f = t2_edges[inside]
     return {"mi": probe_all(pose)[0], "mi_sup": probe_sup(pose)[0],
             "edge_sup": float(np.corrcoef(e, f)[0, 1]),
-            "ncc_sup": float(np.corrcoef(reg.data[inside], t2.data[inside])[0, 1])}
+            "ncc_sup": float(np.corrcoef(reg.data[inside], t2.data[inside])[0, 1]),
+            "mattes": mattes[0](pose), "mattes_sup": mattes[1](pose)}
 
 
 def other_tools(b0, t2, names):
@@ -127,6 +162,7 @@ def main():
     probe_all = MetricProbe(b0, t2, sampling=0.5)
     probe_sup = MetricProbe(b0, t2, sampling=0.5, fixed_mask=sup)
     t2_edges = grad_mag(t2)
+    mattes = (Mattes(b0, t2), Mattes(b0, t2, sup))
     print(f"# superior region: {int(sup.data.sum())} T2w voxels; distances are RMS over its points (mm)")
     names = list(poses)
     print("# pairwise RMS distance (mm): " + ", ".join(
@@ -136,9 +172,10 @@ def main():
         ang, shift = euler_deg_mm(np.linalg.inv(reg) @ pose, centre)
         print(f"\n## regkl -> {name}: {rms_displacement(reg, pose, pts):.2f} mm RMS; rotation (x=pitch... "
               f"about R, A, S) {np.round(ang, 2).tolist()} deg, shift at the region's centre {np.round(shift, 2).tolist()} mm")
-        curves = {k: [] for k in ("mi", "mi_sup", "edge_sup", "ncc_sup")}
+        curves = {k: [] for k in MEASURES}
         for t in TS:
-            for k, v in measures(b0, t2, t2_edges, sup, probe_all, probe_sup, interpolate(reg, pose, t)).items():
+            for k, v in measures(b0, t2, t2_edges, sup, probe_all, probe_sup, interpolate(reg, pose, t),
+                                 mattes).items():
                 curves[k].append(v)
         for k, v in curves.items():
             v = np.asarray(v)
@@ -158,8 +195,8 @@ def figures(b0, t2, sup, reg, poses, results):
     import matplotlib.pyplot as plt
 
     FIG.mkdir(exist_ok=True)
-    fig, axes = plt.subplots(1, 4, figsize=(12, 2.8))
-    for ax, k in zip(axes, ("mi", "mi_sup", "edge_sup", "ncc_sup")):
+    fig, axes = plt.subplots(1, len(MEASURES), figsize=(2.6 * len(MEASURES), 2.6))
+    for ax, k in zip(axes, MEASURES):
         for name, r in results.items():
             v = np.asarray(r[k])
             ax.plot(r["ts"], v, label=name)

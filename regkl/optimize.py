@@ -32,6 +32,8 @@ SEARCH_STEP_TOL = 0.01
 #: substance cost < 0.05 % (synthetic EPIs onto brain-only and whole-head T1s); the moving auto mask of the
 #: real b0/T2w pair, which pulls the answer 3 mm away, costs 1.1 %.
 AUTO_MASK_MAX_LOSS = 0.005
+#: ... unless it is within this distance (RMS mm over the sample points) of the unmasked answer anyway.
+AUTO_MASK_FREE_MM = 0.5
 
 
 @dataclass(frozen=True)
@@ -261,8 +263,9 @@ def _keep_masked_or_plain(fine, plain_fine, params, plain, max_iter, say, name):
     The unmasked answer refined on the masked points replaces the masked answer when it scores higher
     there (the masked run missed its own optimum). The masked choice is then kept only if the whole
     images fit it within :data:`AUTO_MASK_MAX_LOSS` (relative) as well as the unmasked answer on the
-    same points; otherwise the masks moved the answer to a pose the images themselves contradict,
-    and the unmasked answer is kept with a warning.
+    same points, or lies within :data:`AUTO_MASK_FREE_MM` of the unmasked answer; otherwise the masks
+    moved the answer to a pose the images themselves contradict, and the unmasked answer is kept with a
+    warning.
     """
     import warnings
 
@@ -278,7 +281,7 @@ def _keep_masked_or_plain(fine, plain_fine, params, plain, max_iter, say, name):
     moved = rms_displacement(matrix, plain.fixed2moving, fine.samples.points)
     say(f"auto mask: the {kept} answer is {moved:.2f} mm from the unmasked one; the whole images fit it "
         f"{loss:+.2%} worse")
-    if loss > AUTO_MASK_MAX_LOSS:
+    if loss > AUTO_MASK_MAX_LOSS and moved > AUTO_MASK_FREE_MM:
         warnings.warn(f"{name}: the automatic masks moved the answer {moved:.1f} mm to a pose the whole images fit "
                       f"{loss:.1%} worse than the unmasked answer; kept the unmasked answer (give masks with "
                       "--fixed-mask/--moving-mask to use them as they are)", stacklevel=3)
