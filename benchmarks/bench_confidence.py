@@ -1,6 +1,6 @@
 """Does the confidence flag catch broken registrations? 40 good and 40 broken cases.
 
-Run by hand:  python benchmarks/bench_confidence.py [--quick] [--json out.json]
+Run by hand:  python benchmarks/bench_confidence.py [--quick] [--subjects] [--json out.json]
 
 Good (40): 20 synthetic EPI/T1 pairs (2009c template; rotations <= 20 deg, shifts <= 20 mm) and the
 real b0/T2w pair under 20 header perturbations (<= 15 deg, 15 mm).
@@ -21,6 +21,14 @@ Broken (40, 10 of each kind):
 * heavy signal dropout: synthetic EPIs with dropout 1.0 and 40 % of the slices zeroed. Some of
   these still register correctly; only draws that end more than 2 mm from the truth count as
   broken (drawn until there are 10; the recovered ones are listed but not counted).
+
+``--subjects`` (issue 11 item 7) instead runs real cross-subject pairs beside correct same-subject ones,
+4 of each kind (2 with ``--quick``). Broken: the real b0 onto the MNI T1, onto a T2-like image
+synthesised from the MNI tissue maps (:func:`t2_like`) and onto the whole-head MNI; the sample BOLD
+(of the MNI template) and a synthetic MNI EPI onto the real T2w; an EPI-like view of the real T2w
+onto the MNI T1 and onto the whole-head MNI. Good: the real b0 onto its T2w (perturbed header),
+synthetic EPIs onto the MNI T1, the T2-like image and the whole-head MNI, and an EPI-like view of the
+real T2w onto that T2w.
 
 Where a truth exists the actual error is printed beside the flag. The overhead is the time of the
 confidence computation over the time of the registration itself, both from the same run.
