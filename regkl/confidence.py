@@ -1,9 +1,10 @@
 """Confidence in a registration from evidence that needs no ground truth.
 
 Six pieces of evidence, computed after the registration at its finest level; the restarts, the
-mirror check and the uncertainty on every ``THIN``-th (sharpness: ``SHARPNESS_THIN``-th) sample point
-(cheaper than the registration's own points; the thresholds allow for the extra sampling noise). The re-optimisations are
-independent and run concurrently in threads (:func:`default_workers`).
+mirror check and the uncertainty on every ``THIN``-th (sharpness: ``SHARPNESS_THIN``-th) sample
+point (cheaper than the registration's own points; the thresholds allow for the extra sampling
+noise). The re-optimisations are independent and run concurrently in threads
+(:func:`default_workers`).
 
 ``drift_mm``
     How far the solution still moves when optimised further on the registration's own points:
