@@ -170,8 +170,8 @@ def main():
     results = {}
     for name, pose in poses.items():
         ang, shift = euler_deg_mm(np.linalg.inv(reg) @ pose, centre)
-        print(f"\n## regkl -> {name}: {rms_displacement(reg, pose, pts):.2f} mm RMS; rotation (x=pitch... "
-              f"about R, A, S) {np.round(ang, 2).tolist()} deg, shift at the region's centre {np.round(shift, 2).tolist()} mm")
+        print(f"\n## regkl -> {name}: {rms_displacement(reg, pose, pts):.2f} mm RMS; rotation about R (pitch), "
+              f"A, S {np.round(ang, 2).tolist()} deg, shift at the region's centre {np.round(shift, 2).tolist()} mm")
         curves = {k: [] for k in MEASURES}
         for t in TS:
             for k, v in measures(b0, t2, t2_edges, sup, probe_all, probe_sup, interpolate(reg, pose, t),
