@@ -62,7 +62,8 @@ Examples:
 @click.option("--moving-mask", type=click.Path(dir_okay=False), help="Only points mapping inside this mask "
               "(any grid, on the moving image's world) count.")
 @click.option("--auto-mask", is_flag=True, help="Build head/brain masks from the images where no mask is given "
-              "(neck, eyes and background then do not steer the result).")
+              "(neck, eyes and background then do not steer the result). A mask that fails its sanity check is "
+              "not used, and an answer the whole images contradict is replaced by the unmasked one (warning).")
 @click.option("--moving-volume", default="mean", show_default=True,
               help="4D moving image reduced by mean, median or a volume index N (0-based).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear",
