@@ -1,6 +1,6 @@
 """Does the confidence flag catch broken registrations? 40 good and 40 broken cases.
 
-Run by hand:  python benchmarks/bench_confidence.py [--quick] [--json out.json]
+Run by hand:  python benchmarks/bench_confidence.py [--quick] [--subjects] [--json out.json]
 
 Good (40): 20 synthetic EPI/T1 pairs (2009c template; rotations <= 20 deg, shifts <= 20 mm) and the
 real b0/T2w pair under 20 header perturbations (<= 15 deg, 15 mm).
@@ -21,6 +21,14 @@ Broken (40, 10 of each kind):
 * heavy signal dropout: synthetic EPIs with dropout 1.0 and 40 % of the slices zeroed. Some of
   these still register correctly; only draws that end more than 2 mm from the truth count as
   broken (drawn until there are 10; the recovered ones are listed but not counted).
+
+``--subjects`` (issue 11 item 7) instead runs real cross-subject pairs beside correct same-subject ones,
+4 of each kind (2 with ``--quick``). Broken: the real b0 onto the MNI T1, onto a T2-like image
+synthesised from the MNI tissue maps (:func:`t2_like`) and onto the whole-head MNI; the sample BOLD
+(of the MNI template) and a synthetic MNI EPI onto the real T2w; an EPI-like view of the real T2w
+onto the MNI T1 and onto the whole-head MNI. Good: the real b0 onto its T2w (perturbed header),
+synthetic EPIs onto the MNI T1, the T2-like image and the whole-head MNI, and an EPI-like view of the
+real T2w onto that T2w.
 
 Where a truth exists the actual error is printed beside the flag. The overhead is the time of the
 confidence computation over the time of the registration itself, both from the same run.
@@ -43,6 +51,7 @@ from regkl.transforms import rms_displacement  # noqa: E402
 from regkl.volume import Volume  # noqa: E402
 
 SHARED = Path(syn.default_shared_dir())
+KNOWN = ("drift_mm", "restart_mm", "sharpness", "uncertainty", "mirror_gain")
 
 
 def rotation_about_random_axis(rng, lo_deg, hi_deg, centre, max_shift=0.0):
@@ -111,13 +120,63 @@ def cases(quick):
         drawn += yield "broken", "heavy dropout", Volume(data, epi.vox2ras, epi.name), t1, m, brain, {}
 
 
+def t2_like(tpl) -> Volume:
+    """A T2-weighted-looking image of the MNI template from its tissue maps (CSF bright, GM mid, WM dark), 1.5 mm."""
+    from scipy import ndimage
+
+    data = tpl.csf * 1.0 + tpl.gm * 0.55 + tpl.wm * 0.35
+    data = ndimage.zoom(ndimage.gaussian_filter(data, 0.6), 1 / 1.5, order=1).astype(np.float32) * 200.0
+    v2r = tpl.vox2ras.copy()
+    v2r[:3, :3] *= 1.5
+    v2r[:3, 3] = tpl.vox2ras[:3, 3] + tpl.vox2ras[:3, :3] @ np.full(3, 0.25)
+    return Volume(data, v2r, "MNI T2-like (tissue maps)")
+
+
+def subject_cases(quick):
+    """Issue 11 item 7: real cross-subject pairs beside correct same-subject ones (see --subjects)."""
+    n = 2 if quick else 4
+    tpl = syn.load_template()
+    t1 = syn.make_t1(tpl)
+    t2mni = t2_like(tpl)
+    brain = syn.brain_points(tpl, step_vox=3)
+    head = load_volume(SHARED / "mni152_fsl_head" / "mni152_T1w_head_2mm.nii.gz")
+    b0 = load_volume(SHARED / "real_b0_t2w" / "b0_epi.nii.gz")
+    t2 = load_volume(SHARED / "real_b0_t2w" / "T2w.nii.gz")
+    bold = load_volume(REPO / "data" / "sub-01_bold.nii.gz", volume="mean")
+    t2_pts = t2.world_coords(np.argwhere(t2.data[::3, ::3, ::3] > np.percentile(t2.data, 60)) * 3.0)
+    real_ref = register(b0, t2).fixed2moving
+    c, c2, cb = t1.centre_of_mass(), t2.centre_of_mass(), b0.centre_of_mass()
+    rng = np.random.default_rng(700)
+    for s in range(n):
+        p = rotation_about_random_axis(rng, 0, 10, cb, 10)
+        moved = Volume(b0.data, p @ b0.vox2ras, "real b0")
+        yield "good", "real b0 -> its T2w", moved, t2, p @ real_ref, t2_pts, {}
+        m = syn.random_rigid(rng, 10, 10, c)
+        yield "good", "synthetic EPI -> T1", syn.make_epi(tpl, m, rng), t1, m, brain, {}
+        yield "good", "synthetic EPI -> MNI T2-like", syn.make_epi(tpl, m, rng), t2mni, m, brain, {}
+        yield "good", "synthetic EPI -> whole head", syn.make_epi(tpl, m, rng), head, None, None, {}
+        m2 = syn.random_rigid(rng, 10, 10, c2)
+        yield "good", "EPI view of T2w -> T2w", syn.epi_from_volume(t2, m2, rng), t2, m2, t2_pts, {}
+        p = rotation_about_random_axis(rng, 0, 10, bold.centre_of_mass(), 10)
+        yield "broken", "real b0 -> MNI T1", moved, t1, None, None, {}
+        yield "broken", "real b0 -> MNI T2-like", moved, t2mni, None, None, {}
+        yield "broken", "real b0 -> whole-head MNI", moved, head, None, None, {}
+        yield ("broken", "sample BOLD -> real T2w", Volume(bold.data, p @ bold.vox2ras, "sample bold"), t2, None,
+               None, {})
+        yield "broken", "synthetic EPI -> real T2w", syn.make_epi(tpl, m, rng), t2, None, None, {}
+        yield "broken", "EPI view of T2w -> MNI T1", syn.epi_from_volume(t2, m2, rng), t1, None, None, {}
+        yield "broken", "EPI view of T2w -> head", syn.epi_from_volume(t2, m2, rng), head, None, None, {}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--subjects", action="store_true",
+                        help="issue 11 item 7: real cross-subject pairs beside correct same-subject pairs")
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = []
-    gen = cases(args.quick)
+    gen = subject_cases(args.quick) if args.subjects else cases(args.quick)
     case = next(gen)
     while True:
         label, kind, moving, fixed, truth, pts, opts = case
@@ -132,6 +191,7 @@ def main():
         print(f"{r['label']:9s} {kind:22s} err {'   n/a' if err is None else f'{err:6.2f}'} score {r['score']:.2f} "
               f"{'SUSPECT' if r['suspect'] else '       '} drift {r['drift_mm']:5.2f} restart {r['restart_mm']:6.2f} "
               f"sharp {r['sharpness']:.4f} unc {r['uncertainty']:.3f} mirror {r['mirror_gain']:+.3f} "
+              + "".join(f"{k} {r[k]:.4g} " for k in conf.evidence if k not in KNOWN) +
               f"overhead {r['overhead']:+.0%}", flush=True)
         try:
             case = gen.send(int(counted)) if kind == "heavy dropout" else next(gen)

@@ -1,9 +1,10 @@
 """Confidence in a registration from evidence that needs no ground truth.
 
-Five pieces of evidence, computed after the registration at its finest level; all but the drift on
-every ``THIN``-th (sharpness: ``SHARPNESS_THIN``-th) sample point (cheaper than the registration's
-own points; the thresholds allow for the extra sampling noise). The re-optimisations are
-independent and run concurrently in threads (:func:`default_workers`).
+Six pieces of evidence, computed after the registration at its finest level; the restarts, the
+mirror check and the uncertainty on every ``THIN``-th (sharpness: ``SHARPNESS_THIN``-th) sample
+point (cheaper than the registration's own points; the thresholds allow for the extra sampling
+noise). The re-optimisations are independent and run concurrently in threads
+(:func:`default_workers`).
 
 ``drift_mm``
     How far the solution still moves when optimised further on the registration's own points:
@@ -33,6 +34,11 @@ independent and run concurrently in threads (:func:`default_workers`).
     A correct registration of a real (asymmetric) brain loses by mirroring; a moving image whose
     header flips left and right gains. A perfectly symmetric brain cannot tell (gain about 0).
 
+``metric_gain``
+    Relative change of the metric from the registration's start to its end, on the same (finest)
+    points. A registration that ends lower than it started left a pose its own metric prefers:
+    any loss beyond 0.1 % flags it.
+
 Each is mapped to [0, 1] (1 = good) against thresholds and the score is their minimum; the
 registration is flagged suspect when the score is below 0.5.
 """
@@ -52,6 +58,7 @@ THRESHOLDS = {
     "sharpness": (0.005, 0.03),
     "uncertainty": (0.08, 0.2),
     "mirror_gain": (0.03, 0.01),
+    "metric_gain": (-0.001, 0.0),
 }
 SUSPECT_BELOW = 0.5
 #: Restarts and the mirror check use every THIN-th sample point of the finest level...
@@ -200,7 +207,7 @@ def default_workers():
     return max(1, int(numba.get_num_threads()))
 
 
-def assess(fine, params, centre, refine, *, settled_step_mm=None, workers=None) -> Confidence:
+def assess(fine, params, centre, refine, *, settled_step_mm=None, workers=None, metric_gain=None) -> Confidence:
     """Evidence and score for a finished registration.
 
     The re-optimisations (drift, the restarts, the mirrored solution) and the sharpness probe are
@@ -221,6 +228,9 @@ def assess(fine, params, centre, refine, *, settled_step_mm=None, workers=None) 
         further would move it by less), so the drift re-optimisation is skipped.
     workers : int, optional
         Threads (default :func:`default_workers`).
+    metric_gain : float, optional
+        Relative metric change from the registration's start to its end on the finest points
+        (evidence ``metric_gain`` when given).
     """
     import time
 
@@ -255,6 +265,8 @@ def assess(fine, params, centre, refine, *, settled_step_mm=None, workers=None) 
     worst = max(rms_displacement(m, base_m, points) for m in restarts)
     evidence = {"drift_mm": drift_mm, "restart_mm": worst, "sharpness": sharp,
                 "uncertainty": uncertainty, "mirror_gain": gain}
+    if metric_gain is not None:
+        evidence["metric_gain"] = metric_gain
     sub = {name: _subscore(name, value) for name, value in evidence.items()}
     score = min(sub.values())
     return Confidence(score, score < SUSPECT_BELOW, evidence, sub, time.perf_counter() - t0)

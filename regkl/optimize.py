@@ -27,6 +27,13 @@ STEP_TOL = 0.002
 STEP_PATIENCE = 2
 #: The same for the global search's refinements, which only have to tell basins apart.
 SEARCH_STEP_TOL = 0.01
+#: An answer found with automatic masks is kept only if the whole (unmasked) images fit it at most this
+#: much worse (relative metric) than the unmasked answer. Measured: masks that change nothing of
+#: substance cost < 0.05 % (synthetic EPIs onto brain-only and whole-head T1s); the moving auto mask of the
+#: real b0/T2w pair, which pulls the answer 3 mm away, costs 1.1 %.
+AUTO_MASK_MAX_LOSS = 0.005
+#: ... unless it is within this distance (RMS mm over the sample points) of the unmasked answer anyway.
+AUTO_MASK_FREE_MM = 0.5
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,13 @@ class LevelReport:
     last_step_mm: float | None = None
     #: Whether the level ended because the pose settled (two iterations under the step tolerance).
     settled: bool = False
+    #: Metric of the registration's starting pose on this level's sample points.
+    metric_initial: float | None = None
+
+    @property
+    def metric_decreased(self) -> bool:
+        """The level ended with a lower metric than the starting pose has on its points."""
+        return self.metric_initial is not None and self.metric_end < self.metric_initial
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,11 @@ class Result:
     search: SearchReport | None = None
     confidence: object = None
     settings: dict = field(default_factory=dict)
+
+    @property
+    def metric_decreased(self) -> bool:
+        """The registration ended with a lower metric than its start, on the same (finest) points."""
+        return self.metric_after < self.metric_before
 
 
 class _Objective:
@@ -308,6 +327,40 @@ def _refine(obj, params, max_iter):
     return q, v
 
 
+def _keep_masked_or_plain(fine, plain_fine, params, plain, max_iter, say, name):
+    """(matrix, params, what was kept) after a registration with automatic masks.
+
+    ``fine`` is the masked finest-level objective and ``params`` its solution; ``plain`` the
+    registration without the automatic masks and ``plain_fine`` an unmasked finest-level objective.
+    The unmasked answer refined on the masked points replaces the masked answer when it scores higher
+    there (the masked run missed its own optimum). The masked choice is then kept only if the whole
+    images fit it within :data:`AUTO_MASK_MAX_LOSS` (relative) as well as the unmasked answer on the
+    same points, or lies within :data:`AUTO_MASK_FREE_MM` of the unmasked answer; otherwise the masks
+    moved the answer to a pose the images themselves contradict, and the unmasked answer is kept with a
+    warning.
+    """
+    import warnings
+
+    p_plain = fine.model.from_matrix(plain.fixed2moving, fine.centre)
+    own_value = fine.metric_at(params)[0]
+    refined, refined_value, _ = _lbfgs(fine, p_plain, max_iter)
+    kept, chosen = ("masked", params) if own_value >= refined_value else ("unmasked answer refined with the masks",
+                                                                         refined)
+    matrix = fine.model.matrix(chosen, fine.centre)
+    whole_plain = plain_fine.metric_at(plain_fine.model.from_matrix(plain.fixed2moving, fine.centre))[0]
+    whole_chosen = plain_fine.metric_at(plain_fine.model.from_matrix(matrix, fine.centre))[0]
+    loss = (whole_plain - whole_chosen) / max(abs(whole_plain), 1e-12)
+    moved = rms_displacement(matrix, plain.fixed2moving, fine.samples.points)
+    say(f"auto mask: the {kept} answer is {moved:.2f} mm from the unmasked one; the whole images fit it "
+        f"{loss:+.2%} worse")
+    if loss > AUTO_MASK_MAX_LOSS and moved > AUTO_MASK_FREE_MM:
+        warnings.warn(f"{name}: the automatic masks moved the answer {moved:.1f} mm to a pose the whole images fit "
+                      f"{loss:.1%} worse than the unmasked answer; kept the unmasked answer (give masks with "
+                      "--fixed-mask/--moving-mask to use them as they are)", stacklevel=3)
+        return plain.fixed2moving, p_plain, "unmasked (the masked answer fits the whole images worse)"
+    return matrix, chosen, kept
+
+
 def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid", metric: str = "mi", bins: int = 24,
              sampling: float = 0.5, levels: int | None = None, init: str = "com",
              init_fixed2moving: np.ndarray | None = None, search: str = "auto", fixed_mask: Volume | None = None,
@@ -436,7 +489,9 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
     spacings = pyramid.default_spacings(fixed, moving, levels)
     rng = np.random.default_rng(seed)
 
-    fixed_mask, moving_mask = masks.prepare_masks(fixed, moving, fixed_mask, moving_mask, auto_mask)
+    given_masks, mask_report = (fixed_mask, moving_mask), {}
+    fixed_mask, moving_mask = masks.prepare_masks(fixed, moving, fixed_mask, moving_mask, auto_mask,
+                                                  report=mask_report)
     lvls = _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask,
                          native_finest=metric in NATIVE_FIXED_METRICS, roles=roles)
     if levels is not None and len(lvls) < levels:
@@ -484,10 +539,11 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
             tl = time.perf_counter()
             obj = objective(level, mdl)
             start_value = obj.metric_at(params)[0]
+            initial = obj.metric_at(mdl.from_matrix(start, centre))[0]
             params, end_value, res = _lbfgs(obj, params, max_iter)
             out.append(LevelReport(mdl.name, level.spacing, len(level.samples.points), int(res.nit),
                                    obj.evaluations, float(start_value), end_value, _stop_reason(res, obj),
-                                   time.perf_counter() - tl, res.last_step_mm, res.settled))
+                                   time.perf_counter() - tl, res.last_step_mm, res.settled, float(initial)))
         return params, out
 
     for si, mdl in enumerate(stage_models):
@@ -518,8 +574,27 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
                 f"iterations, {metric} {r.metric_start:.4f} -> {r.metric_end:.4f}")
         matrix = mdl.matrix(params, centre)
 
-    finest = objective(lvls[-1], stage_models[0])
-    before = finest.metric_at(stage_models[0].from_matrix(start, centre))[0]
+    if "used" in mask_report.values():
+        # an automatic mask must never wreck a registration that works without it
+        plain = register(moving, fixed, model=model, metric=metric, bins=bins, sampling=sampling, levels=levels,
+                         init=init, init_fixed2moving=init_fixed2moving, search=search, fixed_mask=given_masks[0],
+                         moving_mask=given_masks[1], prior=prior, seed=seed, max_iter=max_iter,
+                         max_seconds=None if deadline is None else max(deadline - time.perf_counter(), 1.0))
+        whole = _build_levels(moving, fixed, spacings[-1:], bins, sampling, np.random.default_rng(seed),
+                              *given_masks, native_finest=metric in NATIVE_FIXED_METRICS)[0]
+        matrix, params, mask_report["kept"] = _keep_masked_or_plain(
+            objective(lvls[-1], final), objective(whole, final), params, plain, max_iter, say, moving.name)
+        if mask_report["kept"].startswith("unmasked ("):  # judge and report the answer as the unmasked run found it
+            lvls[-1], reports, search_report = whole, list(plain.levels), plain.search
+
+    finest = objective(lvls[-1], final)
+    before = finest.metric_at(final.from_matrix(start, centre))[0]
+    after = finest.metric_at(params)[0]
+    if after < before:
+        import warnings
+
+        warnings.warn(f"{moving.name}: the registration ended with a lower {metric} ({after:.4f}) than its start "
+                      f"({before:.4f}) on the same points: the result is probably wrong", stacklevel=2)
     conf = None
     if confidence:
         from .confidence import assess
@@ -527,17 +602,19 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
         rigid = get_model("rigid")
         last = reports[-1]
         conf = assess(objective(lvls[-1], rigid), rigid.from_matrix(matrix, centre), centre, _refine,
-                      settled_step_mm=last.last_step_mm if last.stage == "rigid" and last.settled else None)
+                      settled_step_mm=last.last_step_mm if last.stage == "rigid" and last.settled else None,
+                      metric_gain=(after - before) / max(abs(before), 1e-12))
         say(f"confidence {conf.score:.2f}{' (SUSPECT)' if conf.suspect else ''}: "
             + ", ".join(f"{k} {v:.3g}" for k, v in conf.evidence.items()))
     return Result(
         fixed2moving=matrix, init_fixed2moving=start, model=final.name, params=params, centre=centre,
-        metric=metric, metric_before=float(before), metric_after=float(reports[-1].metric_end),
+        metric=metric, metric_before=float(before), metric_after=float(after),
         levels=tuple(reports), seconds=time.perf_counter() - t0, init=init,
         stages=tuple(m.name for m in stage_models), search=search_report, confidence=conf,
         settings={"bins": bins, "sampling": sampling, "levels": len(spacings), "spacings_mm": spacings,
                   "seed": seed, "max_iter": max_iter, "max_seconds": max_seconds, "search": search,
-                  "auto_mask": auto_mask, "registered_other_way": False,
+                  "auto_mask": auto_mask, "auto_masks": mask_report if auto_mask else None,
+                  "registered_other_way": False,
                   "fixed_mask": None if fixed_mask is None else fixed_mask.name,
                   "moving_mask": None if moving_mask is None else moving_mask.name},
     )

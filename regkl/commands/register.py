@@ -74,7 +74,8 @@ Examples:
 @click.option("--moving-mask", type=click.Path(dir_okay=False), help="Only points mapping inside this mask "
               "(any grid, on the moving image's world) count.")
 @click.option("--auto-mask", is_flag=True, help="Build head/brain masks from the images where no mask is given "
-              "(neck, eyes and background then do not steer the result).")
+              "(neck, eyes and background then do not steer the result). A mask that fails its sanity check is "
+              "not used, and an answer the whole images contradict is replaced by the unmasked one (warning).")
 @click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(),
               help="4D moving image reduced by mean, median or a volume index N (0-based).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear",
@@ -215,10 +216,12 @@ def summary(result, moving, fixed, output, transform_out, matrix_out, seconds) -
             "start_metric": result.search.start_metric, "best_metric": result.search.best_metric,
             "rotation_from_start_deg": result.search.rotation_deg, "seconds": round(result.search.seconds, 4)},
         "metric_before": result.metric_before, "metric_after": result.metric_after,
+        "metric_decreased": result.metric_decreased,
         "parameters": {"values": params.tolist(), "centre_ras_mm": np.asarray(result.centre).tolist(), **named},
         "fixed2moving_ras": np.asarray(result.fixed2moving).tolist(),
         "levels": [{"stage": lv.stage, "spacing_mm": lv.spacing_mm, "points": lv.n_points, "iterations": lv.iterations,
                     "evaluations": lv.evaluations, "metric_start": lv.metric_start, "metric_end": lv.metric_end,
+                    "metric_initial": lv.metric_initial, "metric_decreased": lv.metric_decreased,
                     "stop": lv.stop_reason,
                     "last_step_mm": None if lv.last_step_mm is None else round(lv.last_step_mm, 6),
                     "seconds": round(lv.seconds, 4)} for lv in result.levels],
