@@ -85,15 +85,17 @@ class MomentSamples:
     values: np.ndarray
 
 
-def make_samples(points: np.ndarray, values: np.ndarray) -> MomentSamples:
-    """Check and package fixed sample points and intensities (KernelInputError if unusable)."""
+def make_samples(points: np.ndarray, values: np.ndarray, value_range=None) -> MomentSamples:
+    """Check and package fixed sample points and intensities (KernelInputError if unusable).
+
+    ``value_range``: (lo, hi) mapped to [0, 1]; default the robust range of ``values``."""
     points = np.ascontiguousarray(points, dtype=np.float64)
     values = np.asarray(values, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3 or values.shape != (points.shape[0],):
         raise KernelInputError(f"points must be (N, 3) and values (N,), got {points.shape}, {values.shape}")
     if not np.all(np.isfinite(points)) or not np.all(np.isfinite(values)):
         raise KernelInputError("sample points or values are not finite")
-    lo, hi = robust_range(values)
+    lo, hi = robust_range(values) if value_range is None else value_range
     return MomentSamples(points, np.ascontiguousarray((values - lo) / (hi - lo)))
 
 
@@ -106,12 +108,17 @@ class MomentMoving:
     scale: float
 
 
-def make_moving(volume: Volume) -> MomentMoving:
-    """Moving level with its intensities scaled to about [0, 1] (robust range; error if constant)."""
+def make_moving(volume: Volume, value_range=None) -> MomentMoving:
+    """Moving level with its intensities scaled to about [0, 1].
+
+    ``value_range``: (lo, hi) mapped to [0, 1] (e.g. the fixed image's, so that least squares
+    compares like with like); default the robust range of the volume (error if constant)."""
     if min(volume.shape) < 2:
         raise KernelInputError(f"moving image needs at least 2 voxels along each axis, got {volume.shape}",
                                path=volume.name)
-    lo, hi = robust_range(volume.data)
+    lo, hi = robust_range(volume.data) if value_range is None else value_range
+    if not hi > lo:
+        raise KernelInputError(f"empty intensity range [{lo}, {hi}]", path=volume.name)
     return MomentMoving(volume, lo, 1.0 / (hi - lo))
 
 

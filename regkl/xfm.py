@@ -73,6 +73,17 @@ def itk_text(fixed2moving: np.ndarray) -> str:
             f"FixedParameters: 0 0 0\n")
 
 
+def itk_series_text(fixed2moving_series) -> str:
+    """ITK text file of several transforms in order (``#Transform 0``, ``#Transform 1``, ...), each
+    as :func:`itk_text`: the per-volume head-motion transforms of a series, which nitransforms reads
+    as a ``LinearTransformsMapping`` (fMRIPrep's ``desc-hmc_xfm`` convention)."""
+    blocks = []
+    for t, m in enumerate(fixed2moving_series):
+        one = itk_text(m).split("\n", 2)[2]
+        blocks.append(f"#Transform {t}\n{one}")
+    return f"{ITK_MAGIC} V1.0\n" + "".join(blocks)
+
+
 def write_itk(path, fixed2moving: np.ndarray, *, protect=()) -> None:
     """Write an ITK text transform (LPS, fixed->moving) that SimpleITK and ANTs read."""
     _write_text(path, itk_text(fixed2moving), protect)
