@@ -110,7 +110,7 @@ def main(argv=None):
     import numba
 
     numba.set_num_threads(args.threads)
-    print(f"# bench_realign: {args.volumes} volumes per series, {args.threads} threads, "
+    print(f"# bench_realign (regkl {regkl.__version__}): {args.volumes} volumes per series, {args.threads} threads, "
           f"load {os.getloadavg()[0]:.1f} at start")
     print(f"{'series':10s} {'tool':28s} {'median':>8s} {'p95':>8s} {'max':>8s} {'seconds':>8s}")
     all_err = {}

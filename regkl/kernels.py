@@ -334,8 +334,10 @@ def weighted_moments(points, fixed_values, moving, vox_mat, mov_lo, mov_scale):
             psum[c, 3] += weight * m
             psum[c, 4] += weight * m * m
             psum[c, 5] += weight * f * m
-            # d(term)/d(voxel index) = a * d weight + b * d m, per moment: (a, b)
-            for k in range(N_MOMENTS):
+            # d(term)/d(voxel index) = a * d weight + b * d m, per moment (a, b); inside the image
+            # (all but the outermost voxel) the weight is flat and only the moving terms move
+            edge = gw0 != 0.0 or gw1 != 0.0 or gw2 != 0.0
+            for k in range(0 if edge else 3, N_MOMENTS):
                 if k == 0:
                     a, b = 1.0, 0.0
                 elif k == 1:

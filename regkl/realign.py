@@ -33,6 +33,8 @@ BLOCK = 8
 #: Resolution (FWHM, voxels) of the finest level: a little smoothing of both images removes most of
 #: the bias of trilinear interpolation and noise (SPM Realign smooths by 5 mm; measured in benchmarks/bench_realign.py).
 FINEST_FWHM_VOX = 1.5
+#: A coarser level is kept only if it is at least this many times coarser than the finest.
+COARSER = 1.2
 #: Bins of the MI histogram (cost 'mi').
 MI_BINS = 32
 #: Per-volume flags (value = message).
@@ -161,7 +163,7 @@ def _spacings(reference: Volume, grid: Volume, levels, finest_fwhm_vox):
     compared at a FWHM of ``finest_fwhm_vox`` voxels (smoothing against interpolation bias and noise)."""
     spacings = pyramid.default_spacings(reference, grid, levels)
     finest = spacings[-1] * finest_fwhm_vox
-    return [s for s in spacings[:-1] if s > finest * 1.2] + [finest]
+    return [s for s in spacings[:-1] if s > finest * COARSER] + [finest]
 
 
 def _objective(cost, fixed_level, moving_level, model, centre, scales):
@@ -216,16 +218,14 @@ def _run_pass(fixed, moving, starts, usable, cost, centre, scales, max_iter, fir
 
 
 def _most_typical(volumes, usable, n_skip):
-    """Index of the usable steady-state volume best correlated with the mean of those volumes."""
+    """Index of the usable steady-state volume best correlated with the mean of those volumes
+    (over every second voxel along each axis: plenty to rank them)."""
     idx = [t for t in range(len(volumes)) if usable[t] and t >= n_skip] or [t for t in range(len(volumes))
                                                                             if usable[t]]
-    mean = np.mean(np.stack([volumes[t].data for t in idx]), axis=0, dtype=np.float64).ravel()
-    mean -= mean.mean()
-    scores = []
-    for t in idx:
-        d = volumes[t].data.ravel().astype(np.float64)
-        d -= d.mean()
-        scores.append(float(d @ mean) / max(float(np.sqrt((d @ d) * (mean @ mean))), 1e-300))
+    sub = np.stack([volumes[t].data[::2, ::2, ::2].ravel() for t in idx]).astype(np.float64)
+    sub -= sub.mean(axis=1, keepdims=True)
+    mean = sub.mean(axis=0)
+    scores = (sub @ mean) / np.maximum(np.linalg.norm(sub, axis=1) * np.linalg.norm(mean), 1e-300)
     return idx[int(np.argmax(scores))]
 
 
