@@ -481,3 +481,22 @@ def realign_file(series, *, confounds=None, xfm=None, boldref=None, par=None, re
     write_outputs(result, volumes, confounds=confounds, xfm=xfm, boldref=boldref, par=par, realigned=realigned,
                   interp=interp, qc=qc, like=volumes[0], zooms_t=tr, protect=protect)
     return result
+
+
+def realigned_reference(path, *, threads: int = 1, log=None) -> Volume:
+    """The motion-free reference (boldref) of a 4D series, for registering the series elsewhere
+    (``regkl register --moving-volume realigned``); a 3D image is returned as it is read.
+
+    Raises
+    ------
+    InputError
+        As :func:`regkl.io.load_series` and :func:`realign`.
+    """
+    from .io import load_series, load_volume
+
+    volumes, _ = load_series(path)
+    if len(volumes) < 2:
+        return load_volume(path)
+    result = realign(volumes, threads=threads, log=log)
+    return result.boldref.with_data(result.boldref.data, note=f"boldref: {result.boldref.note} (realigned to "
+                                    f"{result.reference.note}; {result.n_non_steady} non-steady-state left out)")

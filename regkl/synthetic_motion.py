@@ -62,7 +62,8 @@ def _activation_map(shape, rng, amplitude):
     return (blobs / max(float(blobs.max()), 1e-12)).astype(np.float32) * amplitude
 
 
-def motion_series(source, rng: np.random.Generator, n_volumes: int, *, centre, trace=None, noise: float = 0.03,
+def motion_series(source, rng: np.random.Generator, n_volumes: int, *, centre, trace=None, pose=None,
+                  noise: float = 0.03,
                   gain_sd: float = 0.01, activation: float = 0.02, n_dummy: int = 0, dummy_gain: float = 1.6,
                   voxel_mm: float = 3.0, shape=None, **trace_options):
     """A series of ``n_volumes`` with known motion.
@@ -79,6 +80,9 @@ def motion_series(source, rng: np.random.Generator, n_volumes: int, *, centre, t
         Centre of rotation of the trace (source world mm), e.g. the brain's centre.
     trace : ndarray (T, 6), optional
         Angles (degrees) and translations (mm); default :func:`motion_trace` with ``trace_options``.
+    pose : ndarray (4, 4), optional
+        A rigid pose of the whole series, applied before the motion:
+        ``source2volume[t] = motion[t] @ pose``.
     noise : float
         Rician noise sigma relative to the mean brain signal, drawn anew per volume.
     gain_sd : float
@@ -100,7 +104,8 @@ def motion_series(source, rng: np.random.Generator, n_volumes: int, *, centre, t
     """
     if trace is None:
         trace = motion_trace(rng, n_volumes, **trace_options)
-    mats = np.stack([rigid_fixed2moving(p[:3], p[3:], centre) for p in trace])
+    pose = np.eye(4) if pose is None else np.asarray(pose, dtype=np.float64)
+    mats = np.stack([rigid_fixed2moving(p[:3], p[3:], centre) @ pose for p in trace])
     structure_seed = int(rng.integers(2 ** 31))
     if isinstance(source, Volume):
         grid = source

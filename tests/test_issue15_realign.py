@@ -231,3 +231,21 @@ def test_realign_nan_volume_is_flagged_not_fatal(small_series, tmp_path, capfd):
     assert "volume 3: constant (empty or not-a-number)" in err
     rows = (tmp_path / "x_motion.tsv").read_text().splitlines()
     assert rows[4].split("\t")[:6] == rows[3].split("\t")[:6]   # the neighbour's transform
+
+
+def test_register_moving_volume_realigned(small_series, template, tmp_path, capfd):
+    import json
+
+    from regkl import synthetic
+    from regkl.io import save_volume
+
+    series = _save_series(small_series[0][:8], tmp_path / "bold.nii.gz")
+    t1 = tmp_path / "t1.nii.gz"
+    save_volume(synthetic.make_t1(template, voxel_mm=3.0), t1)
+    from regkl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["register", str(series), str(t1), "--moving-volume", "realigned", "--json", "-q", "--search", "none"])
+    out, err = capfd.readouterr()
+    assert exc.value.code == 0, err
+    assert json.loads(out)["moving_reference"].startswith("boldref: median of 6 realigned volumes")  # 2 dummies out

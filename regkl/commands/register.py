@@ -64,7 +64,8 @@ Examples:
 @click.option("--auto-mask", is_flag=True, help="Build head/brain masks from the images where no mask is given "
               "(neck, eyes and background then do not steer the result).")
 @click.option("--moving-volume", default="mean", show_default=True,
-              help="4D moving image reduced by mean, median or a volume index N (0-based).")
+              help="4D moving image reduced by mean, median, a volume index N (0-based), or realigned: the "
+                   "median of the motion-corrected steady-state volumes (as regkl realign's boldref).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear",
               show_default=True, help="Interpolation of the output image.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the point sampling.")
@@ -104,7 +105,14 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
         check_output(out, inputs)
     warm = warm_kernels_in_background()
     fixed_vol = load_volume(fixed, volume="mean")
-    moving_vol = load_volume(moving, volume=volume_option(moving_volume))
+    if moving_volume == "realigned":
+        import numba
+
+        from ..realign import realigned_reference
+
+        moving_vol = realigned_reference(moving, threads=numba.get_num_threads(), log=say)
+    else:
+        moving_vol = load_volume(moving, volume=volume_option(moving_volume))
     fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask, allow_constant=True)
     moving_mask_vol = None if moving_mask is None else load_volume(moving_mask, allow_constant=True)
     warm.join()
