@@ -440,6 +440,7 @@ SERIAL_BELOW = 20000
 joint_histogram_serial = njit(cache=True, fastmath=False, nogil=True)(joint_histogram.py_func)
 matrix_gradient_serial = njit(cache=True, fastmath=False, nogil=True)(matrix_gradient.py_func)
 weighted_moments_serial = njit(cache=True, fastmath=False, nogil=True)(weighted_moments.py_func)
+block_mean_serial = njit(cache=True, fastmath=False, nogil=True)(block_mean.py_func)
 
 
 def warm_up():
@@ -452,6 +453,7 @@ def warm_up():
     resample_linear(data, mat, 1, 1, 1, np.float32(0.0))
     resample_nearest(data, mat, 1, 1, 1, np.float32(0.0))
     block_mean(data, 2, 2, 2)
+    block_mean_serial(data, 2, 2, 2)
     pts = np.zeros((1, 3))
     bins = np.zeros(1, dtype=np.int32)
     c, w = np.empty(1), np.empty(1)

@@ -28,7 +28,7 @@ def default_spacings(fixed: Volume, moving: Volume, levels: int | None = None) -
     return [base * 2.0 ** k for k in range(levels - 1, -1, -1)]
 
 
-def downsample(volume: Volume, spacing_mm: float) -> Volume:
+def downsample(volume: Volume, spacing_mm: float, *, serial: bool = False) -> Volume:
     """Smooth and resample ``volume`` to an effective resolution (FWHM) of ``spacing_mm``.
 
     Resolution model (the same for the fixed and the moving image, so that at every level both are
@@ -47,6 +47,8 @@ def downsample(volume: Volume, spacing_mm: float) -> Volume:
     volume : Volume
     spacing_mm : float
         Target resolution (FWHM) and approximate voxel size, in mm.
+    serial : bool
+        Use the serial block average (releases the GIL: for many volumes in a thread pool).
 
     Returns
     -------
@@ -61,7 +63,8 @@ def downsample(volume: Volume, spacing_mm: float) -> Volume:
     data = volume.data
     vox2ras = volume.vox2ras
     if np.any(factors > 1):
-        data = kernels.block_mean(np.ascontiguousarray(data), *(int(f) for f in factors))
+        block_mean = kernels.block_mean_serial if serial else kernels.block_mean
+        data = block_mean(np.ascontiguousarray(data), *(int(f) for f in factors))
         scale = np.eye(4)
         scale[:3, :3] = np.diag(factors)
         scale[:3, 3] = (factors - 1) / 2.0

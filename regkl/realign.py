@@ -33,6 +33,12 @@ BLOCK = 8
 #: Resolution (FWHM, voxels) of the finest level: a little smoothing of both images removes most of
 #: the bias of trilinear interpolation and noise (SPM Realign smooths by 5 mm; measured in benchmarks/bench_realign.py).
 FINEST_FWHM_VOX = 1.5
+#: Every level samples ``sampling`` of the reference's grid points, but at least this many (the
+#: coarsest levels then use all their points).
+MIN_POINTS = 4000
+#: Coarser levels end once the pose settles to this fraction of their spacing (the finest level
+#: refines it to :data:`regkl.optimize.STEP_TOL`).
+COARSE_STEP_TOL = 0.01
 #: A coarser level is kept only if it is at least this many times coarser than the finest.
 COARSER = 1.2
 #: Bins of the MI histogram (cost 'mi').
@@ -136,7 +142,8 @@ def _fixed_levels(reference: Volume, spacings, sampling, rng, cost, value_range)
     out = []
     for li, spacing in enumerate(spacings):
         flev = pyramid.downsample(reference, spacing)
-        pts, vals = pyramid.sample_grid(flev, sampling if li == len(spacings) - 1 else 1.0, rng)
+        fraction = min(1.0, max(sampling, MIN_POINTS / max(1, int(np.prod(flev.shape)))))
+        pts, vals = pyramid.sample_grid(flev, fraction, rng)
         keep = masks.values_at(head, pts) >= 0.5
         if np.count_nonzero(keep) < 64:
             raise InputError(f"the reference has too little signal to register to ({np.count_nonzero(keep)} "
@@ -149,10 +156,10 @@ def _fixed_levels(reference: Volume, spacings, sampling, rng, cost, value_range)
 
 
 def _moving_levels(volume: Volume, spacings, cost, value_range):
-    """The volume at every level (coarse to fine), ready for the cost."""
+    """The volume at every level (coarse to fine), ready for the cost (serial: runs in the pool)."""
     out = []
     for spacing in spacings:
-        lev = pyramid.downsample(volume, spacing)
+        lev = pyramid.downsample(volume, spacing, serial=True)
         out.append(histogram.make_moving_level(lev, MI_BINS, value_range) if cost == "mi"
                    else moments.make_moving(lev, value_range))
     return out
@@ -166,14 +173,15 @@ def _spacings(reference: Volume, grid: Volume, levels, finest_fwhm_vox):
     return [s for s in spacings[:-1] if s > finest * COARSER] + [finest]
 
 
-def _objective(cost, fixed_level, moving_level, model, centre, scales):
-    tol = STEP_TOL * fixed_level.spacing
+def _objective(cost, fixed_level, moving_level, model, centre, scales, finest=True):
+    tol = (STEP_TOL if finest else COARSE_STEP_TOL) * fixed_level.spacing
     if cost == "mi":
         return _Objective(fixed_level.samples, moving_level, model, get_metric("mi"), centre, scales, None, tol)
     return _MomentObjective(fixed_level.samples, moving_level, cost, model, centre, scales, tol)
 
 
-def _register_block(indices, fixed, moving, starts, cost, centre, scales, max_iter, first_level):
+def _register_block(indices, fixed, volumes, starts, cost, centre, scales, max_iter, first_level, spacings,
+                    value_range):
     """Register the volumes ``indices`` in order: {t: (ref2volume, cost value) or None (no overlap)}.
 
     Each starts from the better (coarsest level's cost) of its entry in ``starts`` and the
@@ -184,7 +192,8 @@ def _register_block(indices, fixed, moving, starts, cost, centre, scales, max_it
     previous = None
     with histogram.serial_kernels():
         for t in indices:
-            levels = moving[t]
+            levels = _moving_levels(volumes[t], spacings[first_level:], cost, value_range)
+            levels = [None] * first_level + levels
             coarse = _objective(cost, fixed[first_level], levels[first_level], model, centre, scales)
             candidates = [starts[t]] + ([] if previous is None else [previous])
             values = [coarse.metric_at(model.from_matrix(m, centre))[0] for m in candidates]
@@ -194,18 +203,19 @@ def _register_block(indices, fixed, moving, starts, cost, centre, scales, max_it
             params = model.from_matrix(candidates[int(np.argmax(values))], centre)
             value = values[int(np.argmax(values))]
             for li in range(first_level, len(fixed)):
-                obj = _objective(cost, fixed[li], levels[li], model, centre, scales)
+                obj = _objective(cost, fixed[li], levels[li], model, centre, scales, li == len(fixed) - 1)
                 params, value, _ = _lbfgs(obj, params, max_iter)
             previous = model.matrix(params, centre)
             out[t] = (previous, value)
     return out
 
 
-def _run_pass(fixed, moving, starts, usable, cost, centre, scales, max_iter, first_level, threads):
+def _run_pass(fixed, volumes, starts, usable, cost, centre, scales, max_iter, first_level, threads, spacings,
+              value_range):
     """One registration of every usable volume; returns {t: (matrix, value) or None}."""
-    todo = [t for t in range(len(moving)) if usable[t]]
+    todo = [t for t in range(len(volumes)) if usable[t]]
     blocks = [todo[i:i + BLOCK] for i in range(0, len(todo), BLOCK)]
-    args = (fixed, moving, starts, cost, centre, scales, max_iter, first_level)
+    args = (fixed, volumes, starts, cost, centre, scales, max_iter, first_level, spacings, value_range)
     results = {}
     if threads <= 1 or len(blocks) == 1:
         for b in blocks:
@@ -290,8 +300,8 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
         with cubic splines (trilinear resampling blurs each volume by an amount that depends on
         its sub-voxel shift, which biases the second pass).
     sampling : float
-        Fraction (0, 1] of the reference's grid points (inside its head mask) used at the finest
-        level; coarser levels use all.
+        Fraction (0, 1] of the reference's grid points used at every level (at least
+        :data:`MIN_POINTS` of them), those inside its head mask.
     levels : int, optional
         Pyramid levels; default from the voxel size (:func:`regkl.pyramid.default_spacings`).
     finest_fwhm_vox : float
@@ -342,7 +352,6 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
     model = get_model("rigid")
     rng = np.random.default_rng(seed)
     value_range = histogram.robust_range(target.data)
-    moving = [_moving_levels(v, spacings, cost, value_range) if ok else None for v, ok in zip(volumes, usable)]
     identity = [np.eye(4)] * len(volumes)
 
     def one_pass(ref_vol, starts, first_level, label):
@@ -351,8 +360,8 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
         radius = max(10.0, float(np.sqrt(np.mean(np.sum((pts - centre) ** 2, axis=1)))))
         tp = time.perf_counter()
         with threadpool_limits(limits=1, user_api="blas"):  # BLAS threads only slow the optimiser's tiny steps
-            res = _run_pass(fixed, moving, starts, usable, cost, centre, model.scales(radius), max_iter,
-                            first_level, threads)
+            res = _run_pass(fixed, volumes, starts, usable, cost, centre, model.scales(radius), max_iter,
+                            first_level, threads, spacings, value_range)
         say(f"{label}: {sum(usable)} volumes to {ref_vol.note or ref_vol.name} in {time.perf_counter() - tp:.2f} s")
         return res
 

@@ -52,7 +52,7 @@ def _stem(path) -> str:
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear", show_default=True,
               help="Interpolation of the realigned series.")
 @click.option("--sampling", default=0.25, show_default=True, type=float,
-              help="Fraction of the reference's head voxels sampled at the finest level.")
+              help="Fraction of the reference's grid points sampled at each level (inside its head mask).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the point sampling.")
 @click.option("--threads", type=int, default=None, help="Threads [default: all cores or NUMBA_NUM_THREADS]; the "
               "result does not depend on it.")
