@@ -32,12 +32,13 @@ from .commands.learn_prior import learn_prior_cmd  # noqa: E402
 from .commands.metric import metric_cmd  # noqa: E402
 from .commands.profile import profile_cmd  # noqa: E402
 from .commands.qc import qc_cmd  # noqa: E402
+from .commands.realign import realign_cmd  # noqa: E402
 from .commands.register import register  # noqa: E402
 from .commands.report import report_cmd  # noqa: E402
 from .commands.stats import stats_cmd  # noqa: E402
 
 for _command in (register, apply_cmd, batch_cmd, report_cmd, qc_cmd, learn_prior_cmd, metric_cmd, profile_cmd,
-                 stats_cmd):
+                 stats_cmd, realign_cmd):
     cli.add_command(_command)
 
 

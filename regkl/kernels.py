@@ -271,6 +271,113 @@ def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox
     return grad
 
 
+#: Number of weighted sums :func:`weighted_moments` accumulates:
+#: (w, w f, w f^2, w m, w m^2, w f m) for fixed value f and moving value m at each point.
+N_MOMENTS = 6
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def weighted_moments(points, fixed_values, moving, vox_mat, mov_lo, mov_scale):
+    """Weighted first and second moments of (fixed, moving) intensity pairs, and their gradients.
+
+    The same-modality costs (least squares, normalised correlation) are functions of these six
+    sums. Each point carries the C1 edge weight ``w`` of :func:`joint_histogram` (1 inside the
+    moving image, falling to 0 over the outermost voxel), so points leaving the image drop out
+    smoothly. Moving values are trilinear, mapped to ``(m - mov_lo) * mov_scale``.
+
+    Parameters
+    ----------
+    points : float64 (N, 3)
+        Sample points in fixed world mm.
+    fixed_values : float64 (N,)
+        Fixed intensity at every point (already scaled by the caller).
+    moving : float32 (I, J, K)
+    vox_mat : float64 (3, 4)
+        Fixed world mm to moving voxel index (moving_ras2vox @ fixed2moving).
+    mov_lo, mov_scale : float
+
+    Returns
+    -------
+    sums : float64 (6,)
+        ``sum w, sum w f, sum w f^2, sum w m, sum w m^2, sum w f m``.
+    grad : float64 (6, 3, 4)
+        d sums / d(voxel-index matrix ``vox_mat`` entries); the caller maps it to the world matrix.
+    """
+    n = points.shape[0]
+    n0, n1, n2 = moving.shape
+    n_chunks = (n + CHUNK - 1) // CHUNK
+    psum = np.zeros((n_chunks, N_MOMENTS))
+    pgrad = np.zeros((n_chunks, N_MOMENTS, 3, 4))
+    for c in prange(n_chunks):
+        start = c * CHUNK
+        stop = min(start + CHUNK, n)
+        for p in range(start, stop):
+            x = points[p, 0]
+            y = points[p, 1]
+            z = points[p, 2]
+            u = vox_mat[0, 0] * x + vox_mat[0, 1] * y + vox_mat[0, 2] * z + vox_mat[0, 3]
+            v = vox_mat[1, 0] * x + vox_mat[1, 1] * y + vox_mat[1, 2] * z + vox_mat[1, 3]
+            w = vox_mat[2, 0] * x + vox_mat[2, 1] * y + vox_mat[2, 2] * z + vox_mat[2, 3]
+            ru, dru = edge_ramp(u, n0)
+            rv, drv = edge_ramp(v, n1)
+            rw, drw = edge_ramp(w, n2)
+            weight = ru * rv * rw
+            if weight <= 0.0:
+                continue
+            ok, val, du, dv, dw = trilinear(moving, u, v, w)
+            f = fixed_values[p]
+            m = (val - mov_lo) * mov_scale
+            gw0 = dru * rv * rw
+            gw1 = ru * drv * rw
+            gw2 = ru * rv * drw
+            gm0 = du * mov_scale
+            gm1 = dv * mov_scale
+            gm2 = dw * mov_scale
+            psum[c, 0] += weight
+            psum[c, 1] += weight * f
+            psum[c, 2] += weight * f * f
+            psum[c, 3] += weight * m
+            psum[c, 4] += weight * m * m
+            psum[c, 5] += weight * f * m
+            # d(term)/d(voxel index) = a * d weight + b * d m, per moment (a, b); inside the image
+            # (all but the outermost voxel) the weight is flat and only the moving terms move
+            edge = gw0 != 0.0 or gw1 != 0.0 or gw2 != 0.0
+            for k in range(0 if edge else 3, N_MOMENTS):
+                if k == 0:
+                    a, b = 1.0, 0.0
+                elif k == 1:
+                    a, b = f, 0.0
+                elif k == 2:
+                    a, b = f * f, 0.0
+                elif k == 3:
+                    a, b = m, weight
+                elif k == 4:
+                    a, b = m * m, 2.0 * weight * m
+                else:
+                    a, b = f * m, weight * f
+                g0 = a * gw0 + b * gm0
+                g1 = a * gw1 + b * gm1
+                g2 = a * gw2 + b * gm2
+                pgrad[c, k, 0, 0] += g0 * x
+                pgrad[c, k, 0, 1] += g0 * y
+                pgrad[c, k, 0, 2] += g0 * z
+                pgrad[c, k, 0, 3] += g0
+                pgrad[c, k, 1, 0] += g1 * x
+                pgrad[c, k, 1, 1] += g1 * y
+                pgrad[c, k, 1, 2] += g1 * z
+                pgrad[c, k, 1, 3] += g1
+                pgrad[c, k, 2, 0] += g2 * x
+                pgrad[c, k, 2, 1] += g2 * y
+                pgrad[c, k, 2, 2] += g2 * z
+                pgrad[c, k, 2, 3] += g2
+    sums = np.zeros(N_MOMENTS)
+    grad = np.zeros((N_MOMENTS, 3, 4))
+    for c in range(n_chunks):
+        sums += psum[c]
+        grad += pgrad[c]
+    return sums, grad
+
+
 @njit(cache=True, parallel=True, fastmath=False)
 def resample_linear(data, vox2vox, out_shape0, out_shape1, out_shape2, fill):
     """Trilinear resampling: out[i, j, k] = data at vox2vox @ (i, j, k, 1); ``fill`` outside."""
@@ -337,6 +444,8 @@ SERIAL_BELOW = 20000
 # (:func:`regkl.histogram.serial_kernels`).
 joint_histogram_serial = njit(cache=True, fastmath=False, nogil=True)(joint_histogram.py_func)
 matrix_gradient_serial = njit(cache=True, fastmath=False, nogil=True)(matrix_gradient.py_func)
+weighted_moments_serial = njit(cache=True, fastmath=False, nogil=True)(weighted_moments.py_func)
+block_mean_serial = njit(cache=True, fastmath=False, nogil=True)(block_mean.py_func)
 
 
 def warm_up():
@@ -349,6 +458,7 @@ def warm_up():
     resample_linear(data, mat, 1, 1, 1, np.float32(0.0))
     resample_nearest(data, mat, 1, 1, 1, np.float32(0.0))
     block_mean(data, 2, 2, 2)
+    block_mean_serial(data, 2, 2, 2)
     pts = np.zeros((1, 3))
     bins = np.zeros(1, dtype=np.int32)
     c, w = np.empty(1), np.empty(1)
@@ -356,3 +466,5 @@ def warm_up():
     for hist_fn, grad_fn in ((joint_histogram, matrix_gradient), (joint_histogram_serial, matrix_gradient_serial)):
         hist_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c, g, w, gw, data, False)
         grad_fn(bins, pts, c, g, w, gw, np.zeros((8, 8)), mat[:3, :3].copy())
+    for moments_fn in (weighted_moments, weighted_moments_serial):
+        moments_fn(pts, np.zeros(1), data, mat[:3].copy(), 0.0, 1.0)

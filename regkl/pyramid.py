@@ -46,7 +46,7 @@ def default_spacings(fixed: Volume, moving: Volume, levels: int | None = None) -
     return [s for s in spacings[:-1] if s <= limit * (1.0 + 1e-9)] + spacings[-1:]
 
 
-def downsample(volume: Volume, spacing_mm: float) -> Volume:
+def downsample(volume: Volume, spacing_mm: float, *, serial: bool = False) -> Volume:
     """Smooth and resample ``volume`` to an effective resolution (FWHM) of ``spacing_mm``.
 
     Resolution model (the same for the fixed and the moving image, so that at every level both are
@@ -71,6 +71,8 @@ def downsample(volume: Volume, spacing_mm: float) -> Volume:
     volume : Volume
     spacing_mm : float
         Target resolution (FWHM) and approximate voxel size, in mm.
+    serial : bool
+        Use the serial block average (releases the GIL: for many volumes in a thread pool).
 
     Returns
     -------
@@ -90,9 +92,10 @@ def downsample(volume: Volume, spacing_mm: float) -> Volume:
         data = np.where(finite, data, np.float32(0.0))
     vox2ras = volume.vox2ras
     if np.any(factors > 1):
-        data = kernels.block_mean(np.ascontiguousarray(data), *(int(f) for f in factors))
+        block_mean = kernels.block_mean_serial if serial else kernels.block_mean
+        data = block_mean(np.ascontiguousarray(data), *(int(f) for f in factors))
         if valid is not None:
-            valid = kernels.block_mean(valid, *(int(f) for f in factors))
+            valid = block_mean(valid, *(int(f) for f in factors))
             with np.errstate(all="ignore"):
                 data = data / valid  # mean over the block's finite voxels
             valid = (valid > 0).astype(np.float32)

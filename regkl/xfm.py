@@ -86,6 +86,18 @@ lps_to_ras = ras_to_lps  # the flip is its own inverse
 # file content
 
 
+def itk_series_text(fixed2moving_series) -> str:
+    """ITK text file of several RAS fixed->moving transforms in order (``#Transform 0``, ``#Transform
+    1``, ...), each as :func:`regkl.itk_files.itk_text` writes one: the per-volume head-motion
+    transforms of a series, which nitransforms reads as a ``LinearTransformsMapping`` (fMRIPrep's
+    ``desc-hmc_xfm`` convention)."""
+    blocks = []
+    for t, m in enumerate(fixed2moving_series):
+        one = itk_text(ras_to_lps(np.asarray(m, dtype=np.float64))).split("\n", 2)[2]
+        blocks.append(f"#Transform {t}\n{one}")
+    return f"{ITK_MAGIC} V1.0\n" + "".join(blocks)
+
+
 def _head(path) -> bytes:
     try:
         with open(path, "rb") as fh:

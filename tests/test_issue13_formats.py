@@ -258,7 +258,7 @@ def test_transform_out_suffix_refused_before_any_work(tmp_path, capfd, name, fmt
     (["register", "{m}", "{f}", "--metric", "bogus"], "unknown metric 'bogus'; choose one of mi"),
     (["register", "{m}", "{f}", "--transform-out", "{d}/x.tfm", "--transform-format", "mni"],
      "unknown transform format 'mni'; choose one of ras, itk, fsl, afni, lta"),
-    (["register", "{m}", "{f}", "--moving-volume", "first"], "expected mean, median or a volume index"),
+    (["register", "{m}", "{f}", "--moving-volume", "first"], "expected mean, median, realigned or a volume index"),
     (["register", "{m}", "{f}", "--bins", "3"], "--bins"),
     (["register", "{m}", "{f}", "--init-transform", "{d}/none.tfm"], "no such transform file"),
     (["register", "{m}", "{f}", "--init", "com", "--init-transform", "{d}/none.tfm"], "give one"),

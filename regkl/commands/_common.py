@@ -81,17 +81,21 @@ class Finite(click.FloatRange):
 
 
 class VolumeChoice(click.ParamType):
-    """How a 4D image becomes one volume: mean, median or a volume index (negative from the end)."""
+    """How a 4D image becomes one volume: mean, median or a volume index (negative from the end), or
+    one of the ``extra`` names a command also accepts (register: ``realigned``)."""
 
-    name = "mean|median|N"
+    def __init__(self, extra=()):
+        self.extra = tuple(extra)
+        self.name = "|".join(("mean", "median", "N") + self.extra)
 
     def convert(self, value, param, ctx):
         text = str(value).strip()
-        if text in ("mean", "median"):
+        if text in ("mean", "median") + self.extra:
             return text
         if text.lstrip("-").isdigit():
             return int(text)
-        self.fail(f"expected mean, median or a volume index (0, 1, ..., or -1 for the last), got {value!r}.", param, ctx)
+        named = ", ".join(("mean", "median") + self.extra)
+        self.fail(f"expected {named} or a volume index (0, 1, ..., or -1 for the last), got {value!r}.", param, ctx)
 
 
 class Registry(click.ParamType):

@@ -76,8 +76,9 @@ Examples:
 @click.option("--auto-mask", is_flag=True, help="Build head/brain masks from the images where no mask is given "
               "(neck, eyes and background then do not steer the result). A mask that fails its sanity check is "
               "not used, and an answer the whole images contradict is replaced by the unmasked one (warning).")
-@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(),
-              help="4D moving image reduced by mean, median or a volume index N (0-based).")
+@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(extra=("realigned",)),
+              help="4D moving image reduced by mean, median, a volume index N (0-based), or realigned: the "
+                   "median of the motion-corrected steady-state volumes (as regkl realign's boldref).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear",
               show_default=True, help="Interpolation of the output image.")
 @click.option("--fill", default=0.0, show_default=True, type=float,
@@ -138,7 +139,14 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
         check_picture_output(qc_out)
     warm = warm_kernels_in_background()
     fixed_vol = load_volume(fixed, volume="mean")
-    moving_vol = load_volume(moving, volume=volume)
+    if moving_volume == "realigned":
+        import numba
+
+        from ..realign import realigned_reference
+
+        moving_vol = realigned_reference(moving, threads=numba.get_num_threads(), log=say)
+    else:
+        moving_vol = load_volume(moving, volume=volume)
     fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask, allow_constant=True)
     moving_mask_vol = None if moving_mask is None else load_volume(moving_mask, allow_constant=True)
     warm.join()

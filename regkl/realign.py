@@ -1,0 +1,511 @@
+"""realign(volumes, ...) -> RealignResult: rigid head-motion correction of a 4D series.
+
+Every volume is registered rigidly to one reference volume with the kernels, pyramid and optimiser
+used by :func:`regkl.optimize.register` (same-modality costs from :mod:`regkl.moments`, or MI).
+Schedule (as FSL MCFLIRT and SPM Realign do it): a first pass to the chosen reference, then an
+optional second pass to the mean of the realigned series, starting from the first pass's estimates.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from . import histogram, masks, moments, pyramid
+from .errors import InputError, RegistrationError
+from .metrics import get_metric
+from .motion import framewise_displacement, non_steady_volumes
+from .optimize import NO_OVERLAP_VALUE, MIN_OVERLAP, STEP_TOL, _lbfgs, _Objective
+from .resample import resample
+from .transforms import get_model
+from .volume import Volume
+
+#: Costs by name; 'nc' and 'ls' are :data:`regkl.moments.COSTS`, 'mi' the histogram metric.
+COSTS = ("nc", "ls", "mi")
+#: Consecutive volumes registered one after the other, each starting from its neighbour's estimate
+#: (or from the identity when that fits better, after a spike). Blocks run in parallel; their size
+#: does not depend on the thread count, so neither do the results.
+BLOCK = 8
+#: Resolution (FWHM, voxels) of the finest level: a little smoothing of both images removes most of
+#: the bias of trilinear interpolation and noise (SPM Realign smooths by 5 mm; measured in benchmarks/bench_realign.py).
+FINEST_FWHM_VOX = 1.5
+#: Every level samples ``sampling`` of the reference's grid points, but at least this many (the
+#: coarsest levels then use all their points).
+MIN_POINTS = 4000
+#: Coarser levels end once the pose settles to this fraction of their spacing (the finest level
+#: refines it to :data:`regkl.optimize.STEP_TOL`).
+COARSE_STEP_TOL = 0.01
+#: A coarser level is kept only if it is at least this many times coarser than the finest.
+COARSER = 1.2
+#: Bins of the MI histogram (cost 'mi').
+MI_BINS = 32
+#: Per-volume flags (value = message).
+FLAGS = {"empty": "constant (empty or not-a-number) volume; its transform is its neighbour's",
+         "no-overlap": "does not overlap the reference; its transform is its neighbour's"}
+
+
+@dataclass(frozen=True)
+class RealignResult:
+    """Outcome of :func:`realign`.
+
+    Attributes
+    ----------
+    ref2volume : ndarray (T, 4, 4)
+        Per volume, RAS+ mm reference world -> volume world (the pull direction: resampling volume
+        ``t`` through ``ref2volume[t]`` on the reference grid realigns it).
+    params : ndarray (T, 6)
+        ``rot_x, rot_y, rot_z`` (radians; matrix ``Rz @ Ry @ Rx``) and ``trans_x, trans_y,
+        trans_z`` (mm) of ``ref2volume`` about ``centre``: ``y = R (x - c) + c + t``.
+    centre : ndarray (3,)
+        Centre of the reference grid (RAS+ mm).
+    framewise_displacement : ndarray (T,)
+        Power et al. (2012), mm; NaN for the first volume.
+    reference : Volume
+        Target of the last pass.
+    boldref : Volume
+        Median of the realigned steady-state volumes, on the reference grid.
+    n_non_steady : int
+        Leading non-steady-state volumes left out of ``boldref``.
+    flags : tuple of str
+        Per volume: '' or a key of :data:`FLAGS`.
+    cost : str
+    cost_values : ndarray (T,)
+        Cost at the estimate (finest level; NaN for flagged volumes).
+    seconds : float
+    settings : dict
+    """
+
+    ref2volume: np.ndarray
+    params: np.ndarray
+    centre: np.ndarray
+    framewise_displacement: np.ndarray
+    reference: Volume
+    boldref: Volume
+    n_non_steady: int
+    flags: tuple
+    cost: str
+    cost_values: np.ndarray
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+
+class _MomentObjective:
+    """Negative same-modality cost and gradient in scaled optimiser units (the interface of
+    :class:`regkl.optimize._Objective`, so :func:`regkl.optimize._lbfgs` runs it unchanged)."""
+
+    def __init__(self, samples, moving, cost, model, centre, scales, tol_mm):
+        self.samples = samples
+        self.moving = moving
+        self.cost = cost
+        self.model = model
+        self.centre = centre
+        self.scales = scales
+        self.tol_mm = tol_mm
+        self.evaluations = 0
+        self.min_weight = max(64.0, MIN_OVERLAP * len(samples.points))
+
+    def _evaluate(self, params):
+        value, gmat, weight = moments.evaluate(self.cost, self.samples, self.moving,
+                                               self.model.matrix(params, self.centre))
+        if weight < self.min_weight:
+            return NO_OVERLAP_VALUE, None
+        return value, gmat
+
+    def metric_at(self, params):
+        return self._evaluate(params)[0], None, None
+
+    def __call__(self, q):
+        self.evaluations += 1
+        params = q * self.scales
+        if not np.all(np.isfinite(params)):
+            raise RegistrationError("optimiser produced non-finite parameters")
+        value, gmat = self._evaluate(params)
+        if gmat is None:
+            return -value, np.zeros_like(q)
+        grad = np.tensordot(self.model.dmatrix(params, self.centre), gmat, axes=([1, 2], [0, 1]))
+        return -value, -grad * self.scales
+
+
+@dataclass(frozen=True)
+class _FixedLevel:
+    spacing: float
+    samples: object        # MomentSamples or histogram.Samples
+
+
+def _fixed_levels(reference: Volume, spacings, sampling, rng, cost, value_range):
+    """Sample points of the reference per level, inside its head mask (coarse to fine)."""
+    head = masks.auto_mask(reference)
+    out = []
+    for li, spacing in enumerate(spacings):
+        flev = pyramid.downsample(reference, spacing)
+        fraction = min(1.0, max(sampling, MIN_POINTS / max(1, int(np.prod(flev.shape)))))
+        pts, vals = pyramid.sample_grid(flev, fraction, rng)
+        keep = masks.values_at(head, pts) >= 0.5
+        if np.count_nonzero(keep) < 64:
+            raise InputError(f"the reference has too little signal to register to ({np.count_nonzero(keep)} "
+                             f"sample points at {spacing:g} mm)", path=reference.name)
+        pts, vals = pts[keep], vals[keep]
+        samples = (histogram.make_samples(pts, vals, MI_BINS, value_range) if cost == "mi"
+                   else moments.make_samples(pts, vals, value_range))
+        out.append(_FixedLevel(float(spacing), samples))
+    return out
+
+
+def _moving_levels(volume: Volume, spacings, cost, value_range):
+    """The volume at every level (coarse to fine), ready for the cost (serial: runs in the pool)."""
+    out = []
+    for spacing in spacings:
+        lev = pyramid.downsample(volume, spacing, serial=True)
+        out.append(histogram.make_moving_level(lev, MI_BINS, value_range) if cost == "mi"
+                   else moments.make_moving(lev, value_range))
+    return out
+
+
+def _spacings(reference: Volume, grid: Volume, levels, finest_fwhm_vox):
+    """Level resolutions (mm, coarse to fine): :func:`regkl.pyramid.default_spacings`, the finest
+    compared at a FWHM of ``finest_fwhm_vox`` voxels (smoothing against interpolation bias and noise)."""
+    spacings = pyramid.default_spacings(reference, grid, levels)
+    finest = spacings[-1] * finest_fwhm_vox
+    return [s for s in spacings[:-1] if s > finest * COARSER] + [finest]
+
+
+def _objective(cost, fixed_level, moving_level, model, centre, scales, finest=True):
+    tol = (STEP_TOL if finest else COARSE_STEP_TOL) * fixed_level.spacing
+    if cost == "mi":
+        return _Objective(fixed_level.samples, moving_level, model, get_metric("mi"), centre, scales, None, tol)
+    return _MomentObjective(fixed_level.samples, moving_level, cost, model, centre, scales, tol)
+
+
+def _register_block(indices, fixed, volumes, starts, cost, centre, scales, max_iter, first_level, spacings,
+                    value_range):
+    """Register the volumes ``indices`` in order: {t: (ref2volume, cost value) or None (no overlap)}.
+
+    Each starts from the better (coarsest level's cost) of its entry in ``starts`` and the
+    previous volume's estimate in this block.
+    """
+    model = get_model("rigid")
+    out = {}
+    previous = None
+    with histogram.serial_kernels():
+        for t in indices:
+            levels = _moving_levels(volumes[t], spacings[first_level:], cost, value_range)
+            levels = [None] * first_level + levels
+            coarse = _objective(cost, fixed[first_level], levels[first_level], model, centre, scales)
+            candidates = [starts[t]] + ([] if previous is None else [previous])
+            values = [coarse.metric_at(model.from_matrix(m, centre))[0] for m in candidates]
+            if max(values) <= NO_OVERLAP_VALUE:
+                out[t] = None
+                continue
+            params = model.from_matrix(candidates[int(np.argmax(values))], centre)
+            value = values[int(np.argmax(values))]
+            for li in range(first_level, len(fixed)):
+                obj = _objective(cost, fixed[li], levels[li], model, centre, scales, li == len(fixed) - 1)
+                params, value, _ = _lbfgs(obj, params, max_iter)
+            previous = model.matrix(params, centre)
+            out[t] = (previous, value)
+    return out
+
+
+def _run_pass(fixed, volumes, starts, usable, cost, centre, scales, max_iter, first_level, threads, spacings,
+              value_range):
+    """One registration of every usable volume; returns {t: (matrix, value) or None}."""
+    todo = [t for t in range(len(volumes)) if usable[t]]
+    blocks = [todo[i:i + BLOCK] for i in range(0, len(todo), BLOCK)]
+    args = (fixed, volumes, starts, cost, centre, scales, max_iter, first_level, spacings, value_range)
+    results = {}
+    if threads <= 1 or len(blocks) == 1:
+        for b in blocks:
+            results.update(_register_block(b, *args))
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for part in pool.map(lambda b: _register_block(b, *args), blocks):
+                results.update(part)
+    return results
+
+
+def _most_typical(volumes, usable, n_skip):
+    """Index of the usable steady-state volume best correlated with the mean of those volumes
+    (over every second voxel along each axis: plenty to rank them)."""
+    idx = [t for t in range(len(volumes)) if usable[t] and t >= n_skip] or [t for t in range(len(volumes))
+                                                                            if usable[t]]
+    sub = np.stack([volumes[t].data[::2, ::2, ::2].ravel() for t in idx]).astype(np.float64)
+    sub -= sub.mean(axis=1, keepdims=True)
+    mean = sub.mean(axis=0)
+    scores = (sub @ mean) / np.maximum(np.linalg.norm(sub, axis=1) * np.linalg.norm(mean), 1e-300)
+    return idx[int(np.argmax(scores))]
+
+
+def _reference_volume(volumes, usable, reference, n_skip):
+    """The first pass's target from 'auto', 'mean', 'median', a volume index or a 3D Volume."""
+    if isinstance(reference, Volume):
+        return reference
+    if reference == "auto":
+        reference = _most_typical(volumes, usable, n_skip)
+    good = [v.data for v, ok in zip(volumes, usable) if ok]
+    if isinstance(reference, (int, np.integer)):
+        n = len(volumes)
+        if not -n <= reference < n:
+            raise InputError(f"reference volume {reference} requested but the series has {n} volumes "
+                             f"(0..{n - 1})", path=volumes[0].name)
+        if not usable[reference]:
+            raise InputError(f"reference volume {int(reference) % n} is constant (empty or not-a-number)",
+                             path=volumes[0].name)
+        return volumes[reference].with_data(volumes[reference].data, note=f"volume {int(reference) % n}")
+    reducers = {"mean": lambda a: np.mean(a, axis=0, dtype=np.float64), "median": lambda a: np.median(a, axis=0)}
+    if reference not in reducers:
+        raise InputError(f"unknown reference {reference!r}; choose auto, mean, median, a volume index or a "
+                         "3D image")
+    return volumes[0].with_data(reducers[reference](np.stack(good)).astype(np.float32),
+                                note=f"{reference} of {len(good)} volumes")
+
+
+def _fill_flagged(matrices, usable):
+    """Flagged volumes take the nearest earlier usable volume's transform (else the next one's)."""
+    good = [t for t in range(len(matrices)) if usable[t]]
+    out = list(matrices)
+    for t in range(len(out)):
+        if not usable[t]:
+            earlier = [g for g in good if g < t]
+            out[t] = matrices[earlier[-1] if earlier else good[0]]
+    return np.stack(out)
+
+
+def realigned_volumes(volumes, grid: Volume, ref2volume, *, interp: str = "linear") -> list:
+    """Every volume resampled on ``grid`` through its ``ref2volume`` matrix (one resampling)."""
+    return [resample(v, grid, m, interp=interp).data for v, m in zip(volumes, ref2volume)]
+
+
+def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = False, sampling: float = 0.25,
+            levels: int | None = None, finest_fwhm_vox: float = FINEST_FWHM_VOX, seed: int = 0,
+            max_iter: int = 100, threads: int = 1, log=None) -> RealignResult:
+    """Rigid head-motion correction of a series of volumes on one grid.
+
+    Parameters
+    ----------
+    volumes : sequence of Volume
+        The volumes of a 4D series, in acquisition order (at least 2), on one grid.
+    reference : {'auto', 'mean', 'median'} or int or Volume
+        Target of the first pass: 'auto' is the steady-state volume best correlated with the
+        series mean (a typical pose, never a spike or a dummy scan); or the mean or median of the
+        series (blurred by the motion itself: less accurate), volume N (0-based), or any 3D image
+        in the same world space (its grid becomes the output grid).
+    cost : {'nc', 'ls', 'mi'}
+        Normalised correlation, least squares (:mod:`regkl.moments`) or mutual information.
+    two_pass : bool
+        Register again to the mean of the first pass's realigned series (MCFLIRT, SPM), resampled
+        with cubic splines (trilinear resampling blurs each volume by an amount that depends on
+        its sub-voxel shift, which biases the second pass).
+    sampling : float
+        Fraction (0, 1] of the reference's grid points used at every level (at least
+        :data:`MIN_POINTS` of them), those inside its head mask.
+    levels : int, optional
+        Pyramid levels; default from the voxel size (:func:`regkl.pyramid.default_spacings`).
+    finest_fwhm_vox : float
+        Resolution (FWHM, in voxels of the series) at which the finest level compares the images.
+    seed : int
+        Seed of the sample jitter and subsampling; results are identical for a seed whatever
+        ``threads``.
+    max_iter : int
+        Optimiser iterations per level and volume.
+    threads : int
+        Blocks of :data:`BLOCK` volumes registered concurrently (serial kernels, no GIL).
+    log : callable(str), optional
+
+    Returns
+    -------
+    RealignResult
+
+    Raises
+    ------
+    InputError
+        Fewer than 2 volumes, volumes on different grids, every volume constant, an unknown
+        cost or reference, a reference that does not overlap the series.
+    """
+    t0 = time.perf_counter()
+    say = log or (lambda msg: None)
+    volumes = list(volumes)
+    if len(volumes) < 2:
+        name = volumes[0].name if volumes else None
+        raise InputError(f"a series of {len(volumes)} volume{'s' * (len(volumes) != 1)} has no motion to "
+                         "correct; realign needs a 4D series of at least 2 volumes", path=name)
+    if cost not in COSTS:
+        raise InputError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
+    if not 0.0 < sampling <= 1.0:
+        raise InputError(f"sampling must be in (0, 1], got {sampling}")
+    grid = volumes[0]
+    if any(v.shape != grid.shape or not np.allclose(v.vox2ras, grid.vox2ras) for v in volumes):
+        raise InputError("the volumes of the series are not on one grid", path=grid.name)
+    usable = [float(v.data.max()) > float(v.data.min()) for v in volumes]
+    if not any(usable):
+        raise InputError("every volume of the series is constant (empty or not-a-number)", path=grid.name)
+    flags = ["" if ok else "empty" for ok in usable]
+
+    n_skip = non_steady_volumes(np.array([float(np.mean(v.data, dtype=np.float64)) for v in volumes]))
+    target = _reference_volume(volumes, usable, reference, n_skip)
+    out_grid = target
+    centre = target.centre
+    spacings = _spacings(target, grid, levels, finest_fwhm_vox)
+    model = get_model("rigid")
+    rng = np.random.default_rng(seed)
+    value_range = histogram.robust_range(target.data)
+    identity = [np.eye(4)] * len(volumes)
+
+    def one_pass(ref_vol, starts, first_level, label):
+        fixed = _fixed_levels(ref_vol, spacings, sampling, rng, cost, value_range)
+        pts = fixed[-1].samples.points
+        radius = max(10.0, float(np.sqrt(np.mean(np.sum((pts - centre) ** 2, axis=1)))))
+        tp = time.perf_counter()
+        with threadpool_limits(limits=1, user_api="blas"):  # BLAS threads only slow the optimiser's tiny steps
+            res = _run_pass(fixed, volumes, starts, usable, cost, centre, model.scales(radius), max_iter,
+                            first_level, threads, spacings, value_range)
+        say(f"{label}: {sum(usable)} volumes to {ref_vol.note or ref_vol.name} in {time.perf_counter() - tp:.2f} s")
+        return res
+
+    res = one_pass(target, identity, 0, "pass 1")
+    for t, r in res.items():
+        if r is None:
+            flags[t] = "no-overlap"
+    ok = [r is not None for r in (res.get(t) for t in range(len(volumes)))]
+    if not any(ok):
+        raise InputError("the reference does not overlap any volume of the series", path=target.name)
+    matrices = _fill_flagged([res[t][0] if ok[t] else np.eye(4) for t in range(len(volumes))], ok)
+    passes = 1
+    if two_pass:
+        aligned = realigned_volumes(volumes, out_grid, matrices, interp="cubic")
+        mean = np.mean(np.stack([a for a, g in zip(aligned, ok) if g]), axis=0, dtype=np.float64)
+        target = out_grid.with_data(mean.astype(np.float32), note="mean of the realigned series")
+        second = one_pass(target, list(matrices), len(spacings) - 1, "pass 2")
+        for t, r in second.items():
+            if r is not None:
+                res[t] = r
+        matrices = _fill_flagged([res[t][0] if ok[t] else np.eye(4) for t in range(len(volumes))], ok)
+        passes = 2
+
+    params = np.stack([model.from_matrix(m, centre) for m in matrices])
+    values = np.array([res[t][1] if ok[t] else np.nan for t in range(len(volumes))])
+    keep = [t for t in range(len(volumes)) if ok[t] and t >= n_skip] or [t for t in range(len(volumes)) if ok[t]]
+    aligned = realigned_volumes([volumes[t] for t in keep], out_grid, matrices[keep])
+    boldref = out_grid.with_data(np.median(np.stack(aligned), axis=0).astype(np.float32),
+                                 note=f"median of {len(keep)} realigned volumes")
+    for t, f in enumerate(flags):
+        if f:
+            say(f"volume {t}: {FLAGS[f]}")
+    return RealignResult(
+        ref2volume=matrices, params=params, centre=centre,
+        framewise_displacement=framewise_displacement(params), reference=target, boldref=boldref,
+        n_non_steady=int(n_skip), flags=tuple(flags), cost=cost, cost_values=values,
+        seconds=time.perf_counter() - t0,
+        settings={"reference": reference if not isinstance(reference, Volume) else reference.name,
+                  "cost": cost, "passes": passes, "sampling": sampling, "spacings_mm": spacings, "seed": seed,
+                  "finest_fwhm_vox": finest_fwhm_vox, "block": BLOCK, "max_iter": max_iter})
+
+
+def write_outputs(result: RealignResult, volumes, *, confounds=None, xfm=None, boldref=None, par=None,
+                  realigned=None, interp: str = "linear", qc=None, like=None, zooms_t=None, protect=()) -> None:
+    """Write the motion outputs of a realignment, all or none (:func:`regkl.io.output_group`).
+
+    Parameters
+    ----------
+    result : RealignResult
+    volumes : sequence of Volume
+        The series that was realigned (for ``realigned``).
+    confounds : path, optional
+        TSV with fMRIPrep's confound columns (:data:`regkl.motion.CONFOUND_COLUMNS`).
+    xfm : path, optional
+        ITK text file with one transform per volume, in order (LPS, reference -> volume).
+    boldref : path, optional
+        The reference volume (median of the realigned steady-state volumes).
+    par : path, optional
+        FSL MCFLIRT ``.par`` layout (:func:`regkl.motion.par_text`).
+    realigned : path, optional
+        The realigned series (4D NIfTI), one resampling with ``interp``.
+    qc : path, optional
+        PNG of the motion traces.
+    like : Volume, optional
+        Image whose NIfTI header the images keep; ``zooms_t`` the repetition time to keep.
+    protect : iterable of paths
+        Inputs never to overwrite.
+    """
+    from .io import atomic_path, output_group, save_array, save_volume
+    from .motion import confounds_text, motion_figure, par_text
+    from .xfm import itk_series_text
+
+    def text(path, content):
+        with atomic_path(path, protect=protect) as tmp:
+            tmp.write_text(content)
+
+    with output_group():
+        if confounds:
+            text(confounds, confounds_text(result.params, result.framewise_displacement))
+        if par:
+            text(par, par_text(result.params))
+        if xfm:
+            text(xfm, itk_series_text(result.ref2volume))
+        if boldref:
+            save_volume(result.boldref, boldref, like=like, protect=protect)
+        if realigned:
+            data = np.stack(realigned_volumes(volumes, result.boldref, result.ref2volume, interp=interp), axis=-1)
+            save_array(data, result.boldref.vox2ras, realigned, like=like, protect=protect, zooms_t=zooms_t)
+        if qc:
+            fd = result.framewise_displacement
+            motion_figure(result.params, fd, qc, flags=result.flags, protect=protect,
+                          title=f"{volumes[0].name}: {len(volumes)} volumes, reference {result.reference.note}, "
+                                f"mean FD {np.nanmean(fd) if len(fd) > 1 else 0.0:.3f} mm, max "
+                                f"{np.nanmax(fd) if len(fd) > 1 else 0.0:.3f} mm")
+
+
+def load_series_for_realign(path):
+    """The volumes of a 4D series and its repetition time; InputError (one line) for a 3D image or a
+    single volume."""
+    from .io import load_series
+
+    volumes, header = load_series(path)
+    if len(volumes) < 2:
+        raise InputError("has a single volume (a 3D image); realign needs a 4D series of at least 2 volumes",
+                         path=path)
+    zooms = header.get_zooms() if header is not None and hasattr(header, "get_zooms") else ()
+    return volumes, (float(zooms[3]) if len(zooms) > 3 else None), header
+
+
+def realign_file(series, *, confounds=None, xfm=None, boldref=None, par=None, realigned=None,
+                 interp: str = "linear", qc=None, log=None, **options) -> RealignResult:
+    """Series file in, motion outputs out: what ``regkl realign`` and a batch run call.
+
+    Reads ``series`` (:func:`load_series_for_realign`), runs :func:`realign` with ``options`` and
+    writes the requested outputs with :func:`write_outputs` (all or none; inputs never
+    overwritten). Returns the :class:`RealignResult`.
+    """
+    volumes, tr, _ = load_series_for_realign(series)
+    reference = options.get("reference")
+    protect = (series,) + ((reference,) if isinstance(reference, str) else ())
+    if isinstance(reference, str) and reference not in ("auto", "mean", "median"):
+        from .io import load_volume
+
+        options["reference"] = load_volume(reference)
+    result = realign(volumes, log=log, **options)
+    write_outputs(result, volumes, confounds=confounds, xfm=xfm, boldref=boldref, par=par, realigned=realigned,
+                  interp=interp, qc=qc, like=volumes[0], zooms_t=tr, protect=protect)
+    return result
+
+
+def realigned_reference(path, *, threads: int = 1, log=None) -> Volume:
+    """The motion-free reference (boldref) of a 4D series, for registering the series elsewhere
+    (``regkl register --moving-volume realigned``); a 3D image is returned as it is read.
+
+    Raises
+    ------
+    InputError
+        As :func:`regkl.io.load_series` and :func:`realign`.
+    """
+    from .io import load_series, load_volume
+
+    volumes, _ = load_series(path)
+    if len(volumes) < 2:
+        return load_volume(path)
+    result = realign(volumes, threads=threads, log=log)
+    return result.boldref.with_data(result.boldref.data, note=f"boldref: {result.boldref.note} (realigned to "
+                                    f"{result.reference.note}; {result.n_non_steady} non-steady-state left out)")
