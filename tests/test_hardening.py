@@ -845,7 +845,9 @@ def test_nan_minority_is_a_warning_and_succeeds(good, tmp_path, out, capfd):
     moving = write(tmp_path / "some_nan.nii.gz", nifti_bytes(data))
     code, _, err = run(register_argv(moving, good[1], out), capfd)
     assert code == 0, err
-    warn = _warnings(err)
+    # one warning about the NaN voxels (a capped 5-iteration toy registration may also warn that it ended
+    # below its start: that is a separate, correct report of the result)
+    warn = [w for w in _warnings(err) if "NaN" in w]
     assert len(warn) == 1 and str(moving) in warn[0] and f"{6 * N * N} NaN/infinite voxels" in warn[0]
     assert sorted(listing(out)) == ["reg.nii.gz", "reg.tfm", "reg.txt"]
     assert np.isfinite(nib.load(str(out / "reg.nii.gz")).get_fdata()).all()
