@@ -99,12 +99,12 @@ def _write_text(path, text, protect):
 def motion_figure(params: np.ndarray, fd: np.ndarray, path, *, title: str = "", flags=(), protect=()) -> None:
     """PNG of the motion traces: translations (mm), rotations (degrees) and framewise displacement.
 
-    Flagged volumes (``flags[t]`` non-empty) are marked on every panel. Needs matplotlib.
+    Flagged volumes (``flags[t]`` non-empty) are marked on every panel.
     """
     from .io import atomic_path
-    from .qc import _require_matplotlib
+    from .qc import pyplot
 
-    plt = _require_matplotlib()
+    plt = pyplot()
     p = np.asarray(params)
     t = np.arange(len(p))
     fig, axes = plt.subplots(3, 1, figsize=(8, 6), sharex=True)
