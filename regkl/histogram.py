@@ -75,8 +75,21 @@ class MovingLevel:
     mask: np.ndarray | None = None
 
 
+#: :func:`robust_range` reads the percentiles from at most about this many values (an even stride
+#: through larger arrays: a 1 mm image's 8.7 million voxels cost ~0.2 s and move them by < 0.1 %).
+RANGE_MAX_VALUES = 2 ** 20
+
+
 def robust_range(values: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5):
     """Percentile-clipped intensity range (lo, hi) of finite values; hi > lo guaranteed or error."""
+    values = np.ravel(values)
+    if values.size > 2 * RANGE_MAX_VALUES:
+        v = values[:: values.size // RANGE_MAX_VALUES]
+        v = v[np.isfinite(v)]
+        if v.size:
+            lo, hi = np.percentile(v, [lo_pct, hi_pct])
+            if hi > lo:
+                return float(lo), float(hi)
     v = values[np.isfinite(values)]
     if v.size == 0:
         raise KernelInputError("no finite intensities")
@@ -136,11 +149,9 @@ class Evaluation:
     """Histogram state at one transform."""
 
     hist: np.ndarray        # (F, M) counts
-    mov_c: np.ndarray       # (N,) continuous moving bins, NaN outside
-    mov_g: np.ndarray       # (N, 3) d bin / d moving voxel index
-    mov_w: np.ndarray       # (N,) weight of each point (0 outside the moving image)
-    mov_gw: np.ndarray      # (N, 3) d weight / d moving voxel index
-    n_valid: int
+    n_valid: int            # points of weight > 0 (inside the moving image and mask)
+    weight_sum: float       # sum of the points' weights (= hist.sum())
+    vox_mat: np.ndarray     # (3, 4) fixed world mm -> moving voxel index used
 
 
 def joint_histogram(samples: Samples, moving: MovingLevel, fixed2moving: np.ndarray) -> Evaluation:
@@ -157,18 +168,14 @@ def joint_histogram(samples: Samples, moving: MovingLevel, fixed2moving: np.ndar
     if m.shape != (4, 4) or not np.all(np.isfinite(m)):
         raise KernelInputError(f"fixed2moving must be a finite 4x4 matrix, got shape {m.shape}")
     vox_mat = np.ascontiguousarray((moving.volume.ras2vox @ m)[:3])
-    n = samples.points.shape[0]
-    mov_c = np.empty(n)
-    mov_g = np.empty((n, 3))
-    mov_w = np.empty(n)
-    mov_gw = np.empty((n, 3))
-    kernel = kernels.joint_histogram_serial if _serial(n) else kernels.joint_histogram
-    hist = kernel(samples.bins, samples.points, moving.volume.data, vox_mat,
-                                   moving.lo, moving.scale, moving.n_bins, samples.n_bins, mov_c, mov_g,
-                                   mov_w, mov_gw,
-                                   moving.volume.data if moving.mask is None else moving.mask,
-                                   moving.mask is not None)
-    return Evaluation(hist, mov_c, mov_g, mov_w, mov_gw, int(np.count_nonzero(mov_w > 0)))
+    kernel = kernels.joint_histogram_serial if _serial(len(samples.points)) else kernels.joint_histogram
+    hist, n_valid, weight_sum = kernel(samples.bins, samples.points, moving.volume.data, vox_mat, moving.lo,
+                                       moving.scale, moving.n_bins, samples.n_bins, *_mask_args(moving))
+    return Evaluation(hist, int(n_valid), float(weight_sum), vox_mat)
+
+
+def _mask_args(moving: MovingLevel):
+    return (moving.volume.data, False) if moving.mask is None else (moving.mask, True)
 
 
 def matrix_gradient(samples: Samples, moving: MovingLevel, evaluation: Evaluation,
@@ -179,5 +186,5 @@ def matrix_gradient(samples: Samples, moving: MovingLevel, evaluation: Evaluatio
         raise KernelInputError(f"dtable shape {dtable.shape} != histogram shape {evaluation.hist.shape}")
     vox_lin = np.ascontiguousarray(moving.volume.ras2vox[:3, :3])
     kernel = kernels.matrix_gradient_serial if _serial(len(samples.points)) else kernels.matrix_gradient
-    return kernel(samples.bins, samples.points, evaluation.mov_c, evaluation.mov_g,
-                                   evaluation.mov_w, evaluation.mov_gw, dtable, vox_lin)
+    return kernel(samples.bins, samples.points, moving.volume.data, evaluation.vox_mat, moving.lo, moving.scale,
+                  dtable, vox_lin, *_mask_args(moving))

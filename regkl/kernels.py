@@ -48,6 +48,15 @@ def trilinear(data, u, v, w):
     n0, n1, n2 = data.shape
     if not (u >= 0.0 and v >= 0.0 and w >= 0.0 and u <= n0 - 1 and v <= n1 - 1 and w <= n2 - 1):
         return False, 0.0, 0.0, 0.0, 0.0
+    val, du, dv, dw = trilinear_inside(data, u, v, w)
+    return True, val, du, dv, dw
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def trilinear_inside(data, u, v, w):
+    """:func:`trilinear` without the bounds check (the caller guarantees 0 <= index <= n - 1):
+    (value, du, dv, dw)."""
+    n0, n1, n2 = data.shape
     i = min(int(u), n0 - 2)
     j = min(int(v), n1 - 2)
     k = min(int(w), n2 - 2)
@@ -79,16 +88,37 @@ def trilinear(data, u, v, w):
     d0 = d00 + fv * (d01 - d00)
     d1 = d10 + fv * (d11 - d10)
     dw = d0 + fu * (d1 - d0)
-    return True, val, du, dv, dw
+    return val, du, dv, dw
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, inline="always")
+def trilinear_value(data, u, v, w):
+    """Trilinear value only, without the bounds check (0 <= index <= n - 1 guaranteed)."""
+    n0, n1, n2 = data.shape
+    i = min(int(u), n0 - 2)
+    j = min(int(v), n1 - 2)
+    k = min(int(w), n2 - 2)
+    fu = u - i
+    fv = v - j
+    fw = w - k
+    c00 = data[i, j, k] + fw * (data[i, j, k + 1] - data[i, j, k])
+    c01 = data[i, j + 1, k] + fw * (data[i, j + 1, k + 1] - data[i, j + 1, k])
+    c10 = data[i + 1, j, k] + fw * (data[i + 1, j, k + 1] - data[i + 1, j, k])
+    c11 = data[i + 1, j + 1, k] + fw * (data[i + 1, j + 1, k + 1] - data[i + 1, j + 1, k])
+    c0 = c00 + fv * (c01 - c00)
+    c1 = c10 + fv * (c11 - c10)
+    return c0 + fu * (c1 - c0)
+
+
+@njit(cache=True, fastmath=False, inline="always")
 def edge_ramp(t, n):
     """C1 weight of continuous index t on an axis of n voxels: 0 outside [0, n-1], rising as a
     smoothstep over the first and last voxel, 1 inside. Returns (weight, d weight / dt)."""
     top = n - 1.0
     if t <= 0.0 or t >= top:
         return 0.0, 0.0
+    if t >= 1.0 and top - t >= 1.0:
+        return 1.0, 0.0
     a = t if t < 1.0 else 1.0
     b = top - t if top - t < 1.0 else 1.0
     wa = a * a * (3.0 - 2.0 * a)
@@ -98,9 +128,38 @@ def edge_ramp(t, n):
     return wa * wb, da * wb + wa * db
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def bspline3_weights(t):
+    """beta3(1 + t), beta3(t), beta3(t - 1), beta3(t - 2) for t in [0, 1]: the four cubic B-spline
+    weights of a continuous bin ``k0 + 1 + t`` on bins k0 .. k0 + 3 (branch-free)."""
+    s = 1.0 - t
+    return (s * s * s / 6.0, (4.0 - 6.0 * t * t + 3.0 * t * t * t) / 6.0,
+            (4.0 - 6.0 * s * s + 3.0 * s * s * s) / 6.0, t * t * t / 6.0)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def bspline3_deriv_weights(t):
+    """The derivatives of :func:`bspline3_weights` with respect to the continuous bin."""
+    s = 1.0 - t
+    return -0.5 * s * s, t * (1.5 * t - 2.0), s * (2.0 - 1.5 * s), 0.5 * t * t
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _point_weight(moving, mov_mask, use_mask, u, v, w):
+    """Weight of a point at moving index (u, v, w): edge ramps times the mask (0 outside)."""
+    n0, n1, n2 = moving.shape
+    ru, _ = edge_ramp(u, n0)
+    rv, _ = edge_ramp(v, n1)
+    rw, _ = edge_ramp(w, n2)
+    weight = ru * rv * rw
+    if use_mask and weight > 0.0:
+        weight *= trilinear_value(mov_mask, u, v, w)
+    return weight
+
+
 @njit(cache=True, parallel=True, fastmath=False)
 def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_moving_bins, n_fixed_bins,
-                    mov_c, mov_g, mov_w, mov_gw, mov_mask, use_mask):
+                    mov_mask, use_mask):
     """Parzen-window joint histogram of fixed bins against moving intensities.
 
     Each sample point adds a cubic B-spline kernel centred on its continuous moving bin, in the row
@@ -121,14 +180,6 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
         Moving intensity m maps to continuous bin ``2 + (m - mov_lo) * mov_scale``, clipped to
         ``[2, n_moving_bins - 3]``.
     n_moving_bins, n_fixed_bins : int
-    mov_c : float64 (N,) output
-        Continuous moving bin of every point (NaN where its weight is 0).
-    mov_g : float64 (N, 3) output
-        d(continuous bin)/d(moving voxel index) (zero where clipped).
-    mov_w : float64 (N,) output
-        Weight of every point.
-    mov_gw : float64 (N, 3) output
-        d(weight)/d(moving voxel index).
     mov_mask : float32 (I, J, K)
         Moving mask in [0, 1] on the moving grid (trilinear; multiplies the weight) if ``use_mask``.
     use_mask : bool
@@ -137,15 +188,24 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
     -------
     hist : float64 (n_fixed_bins, n_moving_bins)
         Weighted joint histogram (total = sum of weights).
+    n_valid : int
+        Points of weight > 0.
+    weight_sum : float
+        Sum of the weights.
     """
     n = points.shape[0]
-    n0, n1, n2 = moving.shape
     n_chunks = (n + CHUNK - 1) // CHUNK
-    partial = np.zeros((n_chunks, n_fixed_bins, n_moving_bins))
+    size = n_fixed_bins * n_moving_bins
+    partial = np.zeros((n_chunks, size))
+    counts = np.zeros(n_chunks, dtype=np.int64)
+    sums = np.zeros(n_chunks)
     top = n_moving_bins - 3.0
     for c in prange(n_chunks):
         start = c * CHUNK
         stop = min(start + CHUNK, n)
+        part = partial[c]
+        count = 0
+        total = 0.0
         for p in range(start, stop):
             x = points[p, 0]
             y = points[p, 1]
@@ -153,60 +213,43 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
             u = vox_mat[0, 0] * x + vox_mat[0, 1] * y + vox_mat[0, 2] * z + vox_mat[0, 3]
             v = vox_mat[1, 0] * x + vox_mat[1, 1] * y + vox_mat[1, 2] * z + vox_mat[1, 3]
             w = vox_mat[2, 0] * x + vox_mat[2, 1] * y + vox_mat[2, 2] * z + vox_mat[2, 3]
-            ru, dru = edge_ramp(u, n0)
-            rv, drv = edge_ramp(v, n1)
-            rw, drw = edge_ramp(w, n2)
-            weight = ru * rv * rw
-            gwu = dru * rv * rw
-            gwv = ru * drv * rw
-            gww = ru * rv * drw
-            if use_mask and weight > 0.0:
-                okm, mval, mdu, mdv, mdw = trilinear(mov_mask, u, v, w)
-                gwu = gwu * mval + weight * mdu
-                gwv = gwv * mval + weight * mdv
-                gww = gww * mval + weight * mdw
-                weight = weight * mval
+            weight = _point_weight(moving, mov_mask, use_mask, u, v, w)
             if weight <= 0.0:
-                mov_c[p] = np.nan
-                mov_w[p] = 0.0
-                for a in range(3):
-                    mov_g[p, a] = 0.0
-                    mov_gw[p, a] = 0.0
                 continue
-            ok, val, du, dv, dw = trilinear(moving, u, v, w)
-            mov_w[p] = weight
-            mov_gw[p, 0] = gwu
-            mov_gw[p, 1] = gwv
-            mov_gw[p, 2] = gww
-            mc = 2.0 + (val - mov_lo) * mov_scale
-            if mc < 2.0 or mc > top:
-                mc = 2.0 if mc < 2.0 else top
-                mov_g[p, 0] = 0.0
-                mov_g[p, 1] = 0.0
-                mov_g[p, 2] = 0.0
-            else:
-                mov_g[p, 0] = du * mov_scale
-                mov_g[p, 1] = dv * mov_scale
-                mov_g[p, 2] = dw * mov_scale
-            mov_c[p] = mc
-            f = fixed_bins[p]
+            mc = 2.0 + (trilinear_value(moving, u, v, w) - mov_lo) * mov_scale
+            mc = min(max(mc, 2.0), top)
             k0 = int(mc) - 1
-            for k in range(k0, k0 + 4):
-                partial[c, f, k] += weight * bspline3(mc - k)
-    hist = np.zeros((n_fixed_bins, n_moving_bins))
+            b0, b1, b2, b3 = bspline3_weights(mc - k0 - 1.0)
+            row = fixed_bins[p] * n_moving_bins + k0
+            part[row] += weight * b0
+            part[row + 1] += weight * b1
+            part[row + 2] += weight * b2
+            part[row + 3] += weight * b3
+            count += 1
+            total += weight
+        counts[c] = count
+        sums[c] = total
+    hist = np.zeros(size)
+    n_valid = 0
+    weight_sum = 0.0
     for c in range(n_chunks):
         hist += partial[c]
-    return hist
+        n_valid += counts[c]
+        weight_sum += sums[c]
+    return hist.reshape((n_fixed_bins, n_moving_bins)), n_valid, weight_sum
 
 
 @njit(cache=True, parallel=True, fastmath=False)
-def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox_lin):
+def matrix_gradient(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, dtable, vox_lin, mov_mask, use_mask):
     """Gradient of a histogram metric with respect to the fixed-to-moving 3x4 world matrix.
+
+    Recomputes every point's moving position, weight and continuous bin as
+    :func:`joint_histogram` does (cheaper than storing and reading them back).
 
     Parameters
     ----------
-    fixed_bins, points, mov_c, mov_g, mov_w, mov_gw
-        As filled by :func:`joint_histogram`.
+    fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, mov_mask, use_mask
+        As for :func:`joint_histogram` (the same values).
     dtable : float64 (n_fixed_bins, n_moving_bins)
         d(metric) / d(joint histogram entry) (full derivative, histogram in counts).
     vox_lin : float64 (3, 3)
@@ -218,52 +261,85 @@ def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox
         d(metric) / d(M[a, b]) where M is the fixed-to-moving RAS matrix (rows 0-2).
     """
     n = points.shape[0]
+    n0, n1, n2 = moving.shape
     n_chunks = (n + CHUNK - 1) // CHUNK
-    partial = np.zeros((n_chunks, 3, 4))
+    partial = np.zeros((n_chunks, 12))
+    top = dtable.shape[1] - 3.0
     for c in prange(n_chunks):
         start = c * CHUNK
         stop = min(start + CHUNK, n)
+        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = 0.0
         for p in range(start, stop):
-            mc = mov_c[p]
-            if not (mc == mc):
+            x = points[p, 0]
+            y = points[p, 1]
+            z = points[p, 2]
+            u = vox_mat[0, 0] * x + vox_mat[0, 1] * y + vox_mat[0, 2] * z + vox_mat[0, 3]
+            v = vox_mat[1, 0] * x + vox_mat[1, 1] * y + vox_mat[1, 2] * z + vox_mat[1, 3]
+            w = vox_mat[2, 0] * x + vox_mat[2, 1] * y + vox_mat[2, 2] * z + vox_mat[2, 3]
+            ru, dru = edge_ramp(u, n0)
+            rv, drv = edge_ramp(v, n1)
+            rw, drw = edge_ramp(w, n2)
+            weight = ru * rv * rw
+            if weight <= 0.0:
                 continue
-            f = fixed_bins[p]
+            gwu = dru * rv * rw
+            gwv = ru * drv * rw
+            gww = ru * rv * drw
+            if use_mask:
+                mval, mdu, mdv, mdw = trilinear_inside(mov_mask, u, v, w)
+                gwu = gwu * mval + weight * mdu
+                gwv = gwv * mval + weight * mdv
+                gww = gww * mval + weight * mdw
+                weight = weight * mval
+                if weight <= 0.0:
+                    continue
+            val, du, dv, dw = trilinear_inside(moving, u, v, w)
+            mc = 2.0 + (val - mov_lo) * mov_scale
+            inside = 2.0 <= mc <= top
+            mc = min(max(mc, 2.0), top)
             k0 = int(mc) - 1
-            s0 = 0.0
-            s1 = 0.0
-            for k in range(k0, k0 + 4):
-                s0 += bspline3(mc - k) * dtable[f, k]
-                s1 += bspline3_deriv(mc - k) * dtable[f, k]
-            s1 *= mov_w[p]
+            t = mc - k0 - 1.0
+            b0, b1, b2, b3 = bspline3_weights(t)
+            e0, e1, e2, e3 = bspline3_deriv_weights(t)
+            f = fixed_bins[p]
+            t0 = dtable[f, k0]
+            t1 = dtable[f, k0 + 1]
+            t2 = dtable[f, k0 + 2]
+            t3 = dtable[f, k0 + 3]
+            s0 = b0 * t0 + b1 * t1 + b2 * t2 + b3 * t3
             # d(metric contribution)/d(moving voxel index)
-            g0 = s1 * mov_g[p, 0] + s0 * mov_gw[p, 0]
-            g1 = s1 * mov_g[p, 1] + s0 * mov_gw[p, 1]
-            g2 = s1 * mov_g[p, 2] + s0 * mov_gw[p, 2]
-            if g0 == 0.0 and g1 == 0.0 and g2 == 0.0:
-                continue
+            g0 = s0 * gwu
+            g1 = s0 * gwv
+            g2 = s0 * gww
+            if inside:
+                s1 = (e0 * t0 + e1 * t1 + e2 * t2 + e3 * t3) * weight * mov_scale
+                g0 += s1 * du
+                g1 += s1 * dv
+                g2 += s1 * dw
             # chain rule to moving world: vox_lin^T @ g
             wx = vox_lin[0, 0] * g0 + vox_lin[1, 0] * g1 + vox_lin[2, 0] * g2
             wy = vox_lin[0, 1] * g0 + vox_lin[1, 1] * g1 + vox_lin[2, 1] * g2
             wz = vox_lin[0, 2] * g0 + vox_lin[1, 2] * g1 + vox_lin[2, 2] * g2
-            x = points[p, 0]
-            y = points[p, 1]
-            z = points[p, 2]
-            partial[c, 0, 0] += wx * x
-            partial[c, 0, 1] += wx * y
-            partial[c, 0, 2] += wx * z
-            partial[c, 0, 3] += wx
-            partial[c, 1, 0] += wy * x
-            partial[c, 1, 1] += wy * y
-            partial[c, 1, 2] += wy * z
-            partial[c, 1, 3] += wy
-            partial[c, 2, 0] += wz * x
-            partial[c, 2, 1] += wz * y
-            partial[c, 2, 2] += wz * z
-            partial[c, 2, 3] += wz
-    grad = np.zeros((3, 4))
+            a00 += wx * x
+            a01 += wx * y
+            a02 += wx * z
+            a03 += wx
+            a10 += wy * x
+            a11 += wy * y
+            a12 += wy * z
+            a13 += wy
+            a20 += wz * x
+            a21 += wz * y
+            a22 += wz * z
+            a23 += wz
+        q = partial[c]
+        q[0], q[1], q[2], q[3] = a00, a01, a02, a03
+        q[4], q[5], q[6], q[7] = a10, a11, a12, a13
+        q[8], q[9], q[10], q[11] = a20, a21, a22, a23
+    grad = np.zeros(12)
     for c in range(n_chunks):
         grad += partial[c]
-    return grad
+    return grad.reshape((3, 4))
 
 
 @njit(cache=True, parallel=True, fastmath=False)
@@ -346,8 +422,6 @@ def warm_up():
     block_mean(data, 2, 2, 2)
     pts = np.zeros((1, 3))
     bins = np.zeros(1, dtype=np.int32)
-    c, w = np.empty(1), np.empty(1)
-    g, gw = np.empty((1, 3)), np.empty((1, 3))
     for hist_fn, grad_fn in ((joint_histogram, matrix_gradient), (joint_histogram_serial, matrix_gradient_serial)):
-        hist_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c, g, w, gw, data, False)
-        grad_fn(bins, pts, c, g, w, gw, np.zeros((8, 8)), mat[:3, :3].copy())
+        hist_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, data, False)
+        grad_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, np.zeros((8, 8)), mat[:3, :3].copy(), data, False)

@@ -15,6 +15,12 @@ from .metrics import NATIVE_FIXED_METRICS, get_metric
 from .transforms import get_model, rms_displacement
 from .volume import Volume
 
+#: Default cap on the fixed sample points of one level (``max_points``): the error of a rigid fit
+#: stops improving well below it (error against the cap in benchmarks/README.md, "Speed").
+MAX_POINTS = 100_000
+#: Centres of mass (rotation centre, ``init='com'``) come from the finest level with at most this
+#: many voxels in each image.
+COM_MAX_VOXELS = 2 ** 21
 #: Minimum fraction of sample points that must land inside the moving image.
 MIN_OVERLAP = 0.05
 #: Metric value reported where the images do not overlap enough: below any metric's real range
@@ -147,15 +153,17 @@ class _Level:
     moving_image: Volume
 
 
-def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask, native_finest=False):
+def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask, native_finest=False,
+                  max_points=None):
     """Pyramid levels, coarse to fine. With ``native_finest`` (the metrics in
     :data:`regkl.metrics.NATIVE_FIXED_METRICS`), the finest level's sample points keep their
-    positions but take their fixed intensities from ``fixed`` itself, unsmoothed."""
+    positions but take their fixed intensities from ``fixed`` itself, unsmoothed. ``max_points``
+    caps the sample points of every level (None: no cap)."""
     levels = []
     for li, spacing in enumerate(spacings):
         flev = pyramid.downsample(fixed, spacing)
         mlev = pyramid.downsample(moving, spacing)
-        pts, vals = pyramid.sample_grid(flev, sampling, rng)
+        pts, vals = pyramid.sample_grid(flev, sampling, rng, max_points=max_points)
         if native_finest and li == len(spacings) - 1:
             vals = pyramid.values_at(fixed, pts)
         if fixed_mask is not None:
@@ -240,8 +248,8 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
              sampling: float = 0.5, levels: int | None = None, init: str = "com",
              init_fixed2moving: np.ndarray | None = None, search: str = "auto", fixed_mask: Volume | None = None,
              moving_mask: Volume | None = None, auto_mask: bool = False, prior=None, seed: int = 0,
-             max_iter: int = 100, max_seconds: float | None = 600.0, confidence: bool = False,
-             log=None) -> Result:
+             max_points: int | None = MAX_POINTS, max_iter: int = 100, max_seconds: float | None = 600.0,
+             confidence: bool = False, log=None) -> Result:
     """Align ``moving`` to ``fixed`` by maximising a histogram similarity metric.
 
     Parameters
@@ -276,6 +284,9 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
         Expected joint histogram for ``metric='kl'``.
     seed : int
         Seed of the sample jitter and subsampling; the result is deterministic for a seed.
+    max_points : int or None
+        Cap on the fixed sample points of each level (None: ``sampling`` alone decides); the work
+        per level is then bounded whatever the image size.
     max_iter : int
         Maximum optimiser iterations per level (and 4x as many metric evaluations).
     max_seconds : float or None
@@ -296,6 +307,8 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
         raise InputError(f"sampling must be in (0, 1], got {sampling}")
     if not 8 <= bins <= 512:
         raise InputError(f"bins must be between 8 and 512, got {bins}")
+    if max_points is not None and max_points < 1000:
+        raise InputError(f"max_points must be at least 1000, got {max_points}")
     if levels is not None and not 1 <= levels <= 6:
         raise InputError(f"levels must be between 1 and 6, got {levels}")
     if search not in SEARCH_MODES:
@@ -308,15 +321,18 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
 
     fixed_mask, moving_mask = masks.prepare_masks(fixed, moving, fixed_mask, moving_mask, auto_mask)
     lvls = _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask,
-                         native_finest=metric in NATIVE_FIXED_METRICS)
+                         native_finest=metric in NATIVE_FIXED_METRICS, max_points=max_points)
 
-    finest_fixed = lvls[-1].fixed_image
-    centre = finest_fixed.centre_of_mass()
+    # centres of mass from the finest level small enough to read quickly (a 1 mm image's own grid
+    # costs ~0.25 s per image and moves the centre by well under a voxel)
+    com_level = next((lv for lv in reversed(lvls) if lv.fixed_image.data.size <= COM_MAX_VOXELS
+                      and lv.moving_image.data.size <= COM_MAX_VOXELS), lvls[0])
+    centre = com_level.fixed_image.centre_of_mass()
     if init_fixed2moving is not None:
         start = np.asarray(init_fixed2moving, dtype=np.float64)
         init = "given"
     else:
-        start = initial_transform(lvls[-1].moving_image, finest_fixed, init)
+        start = initial_transform(com_level.moving_image, com_level.fixed_image, init)
     pts_fine = lvls[-1].samples.points
     radius = float(np.sqrt(np.mean(np.sum((pts_fine - centre) ** 2, axis=1)))) if len(pts_fine) else 50.0
     radius = max(radius, 10.0)
@@ -397,7 +413,8 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
         levels=tuple(reports), seconds=time.perf_counter() - t0, init=init,
         stages=tuple(m.name for m in stage_models), search=search_report, confidence=conf,
         settings={"bins": bins, "sampling": sampling, "levels": len(spacings), "spacings_mm": spacings,
-                  "seed": seed, "max_iter": max_iter, "max_seconds": max_seconds, "search": search,
+                  "seed": seed, "max_points": max_points, "max_iter": max_iter, "max_seconds": max_seconds,
+                  "search": search,
                   "auto_mask": auto_mask,
                   "fixed_mask": None if fixed_mask is None else fixed_mask.name,
                   "moving_mask": None if moving_mask is None else moving_mask.name},
@@ -442,7 +459,7 @@ class MetricProbe:
         """(metric value, or None where fewer than ``min_valid`` points overlap; overlap fraction; points inside)."""
         ev = histogram.joint_histogram(self.level.samples, self.level.moving,
                                        np.asarray(fixed2moving, dtype=np.float64))
-        overlap = float(ev.mov_w.sum() / self.n_points)
+        overlap = ev.weight_sum / self.n_points
         if ev.n_valid < self.min_valid:
             return None, overlap, int(ev.n_valid)
         return float(self.metric_fn(ev.hist)[0]), overlap, int(ev.n_valid)
