@@ -174,6 +174,19 @@ def joint_histogram(samples: Samples, moving: MovingLevel, fixed2moving: np.ndar
     return Evaluation(hist, int(n_valid), float(weight_sum), vox_mat)
 
 
+def joint_histograms(samples: Samples, moving: MovingLevel, fixed2movings) -> tuple:
+    """:func:`joint_histogram` under many poses at once: (hists (K, F, M), n_valid (K,)).
+
+    Each histogram is bit-identical to :func:`joint_histogram`'s for that pose.
+    """
+    m = np.asarray(fixed2movings, dtype=np.float64)
+    if m.ndim != 3 or m.shape[1:] != (4, 4) or not np.all(np.isfinite(m)):
+        raise KernelInputError(f"fixed2movings must be finite (K, 4, 4) matrices, got shape {m.shape}")
+    vox_mats = np.ascontiguousarray((moving.volume.ras2vox @ m)[:, :3])
+    return kernels.joint_histograms(samples.bins, samples.points, moving.volume.data, vox_mats, moving.lo,
+                                    moving.scale, moving.n_bins, samples.n_bins, *_mask_args(moving))
+
+
 def _mask_args(moving: MovingLevel):
     return (moving.volume.data, False) if moving.mask is None else (moving.mask, True)
 

@@ -342,6 +342,38 @@ def matrix_gradient(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, dtab
     return grad.reshape((3, 4))
 
 
+#: Below this many sample points the serial builds are used: waking the thread pool costs more
+#: than the work (the coarsest level and the global search evaluate a few thousand points).
+SERIAL_BELOW = 20000
+
+# Serial builds of the same functions (prange runs as range); identical results, no thread wake-up.
+# They release the GIL, so independent evaluations can run concurrently in Python threads
+# (:func:`regkl.histogram.serial_kernels`).
+joint_histogram_serial = njit(cache=True, fastmath=False, nogil=True)(joint_histogram.py_func)
+matrix_gradient_serial = njit(cache=True, fastmath=False, nogil=True)(matrix_gradient.py_func)
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def joint_histograms(fixed_bins, points, moving, vox_mats, mov_lo, mov_scale, n_moving_bins, n_fixed_bins,
+                     mov_mask, use_mask):
+    """:func:`joint_histogram` of the same points under K poses at once, one pose per thread.
+
+    ``vox_mats`` is (K, 3, 4); returns hists (K, n_fixed_bins, n_moving_bins) and n_valid (K,),
+    each bit-identical to a separate call (the same serial chunk order per pose). For the global
+    search's hundreds of poses of a few thousand points, where one call per pose costs more in
+    Python than in the kernel.
+    """
+    k = vox_mats.shape[0]
+    hists = np.empty((k, n_fixed_bins, n_moving_bins))
+    n_valid = np.empty(k, dtype=np.int64)
+    for q in prange(k):
+        h, nv, _ = joint_histogram_serial(fixed_bins, points, moving, vox_mats[q], mov_lo, mov_scale,
+                                          n_moving_bins, n_fixed_bins, mov_mask, use_mask)
+        hists[q] = h
+        n_valid[q] = nv
+    return hists, n_valid
+
+
 @njit(cache=True, parallel=True, fastmath=False)
 def resample_linear(data, vox2vox, out_shape0, out_shape1, out_shape2, fill):
     """Trilinear resampling: out[i, j, k] = data at vox2vox @ (i, j, k, 1); ``fill`` outside."""
@@ -399,17 +431,6 @@ def block_mean(data, f0, f1, f2):
     return out
 
 
-#: Below this many sample points the serial builds are used: waking the thread pool costs more
-#: than the work (the coarsest level and the global search evaluate a few thousand points).
-SERIAL_BELOW = 20000
-
-# Serial builds of the same functions (prange runs as range); identical results, no thread wake-up.
-# They release the GIL, so independent evaluations can run concurrently in Python threads
-# (:func:`regkl.histogram.serial_kernels`).
-joint_histogram_serial = njit(cache=True, fastmath=False, nogil=True)(joint_histogram.py_func)
-matrix_gradient_serial = njit(cache=True, fastmath=False, nogil=True)(matrix_gradient.py_func)
-
-
 def warm_up():
     """Load every cached kernel once on tiny inputs (Numba's one-off start-up cost, ~0.3 s).
 
@@ -425,3 +446,4 @@ def warm_up():
     for hist_fn, grad_fn in ((joint_histogram, matrix_gradient), (joint_histogram_serial, matrix_gradient_serial)):
         hist_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, data, False)
         grad_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, np.zeros((8, 8)), mat[:3, :3].copy(), data, False)
+    joint_histograms(bins, pts, data, mat[None, :3].copy(), 0.0, 1.0, 8, 8, data, False)

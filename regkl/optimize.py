@@ -116,14 +116,25 @@ class _Objective:
         self.min_valid = max(64, int(MIN_OVERLAP * samples.points.shape[0]))
 
     def metric_at(self, params):
-        if self.deadline is not None and time.perf_counter() > self.deadline:
-            raise RegistrationError("time limit reached (--max-seconds); the images may be very large or the "
-                                    "problem ill-posed")
+        self._check_deadline()
         ev = histogram.joint_histogram(self.samples, self.moving, self.model.matrix(params, self.centre))
         if ev.n_valid < self.min_valid:
             return NO_OVERLAP_VALUE, ev, None
         value, dtable = self.metric_fn(ev.hist)
         return value, ev, dtable
+
+    def metrics_at(self, params_list):
+        """Metric values at many poses (one batched kernel call); NO_OVERLAP_VALUE where too few
+        points overlap. The same values as :meth:`metric_at`, one by one."""
+        self._check_deadline()
+        mats = np.stack([self.model.matrix(p, self.centre) for p in params_list])
+        hists, n_valid = histogram.joint_histograms(self.samples, self.moving, mats)
+        return [NO_OVERLAP_VALUE if nv < self.min_valid else self.metric_fn(h)[0] for h, nv in zip(hists, n_valid)]
+
+    def _check_deadline(self):
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise RegistrationError("time limit reached (--max-seconds); the images may be very large or the "
+                                    "problem ill-posed")
 
     def __call__(self, q):
         self.evaluations += 1
