@@ -121,6 +121,15 @@ def make_samples(points: np.ndarray, values: np.ndarray, n_bins: int, value_rang
     return Samples(points, values, fixed_bins(values, lo, hi, n_bins), int(n_bins))
 
 
+def thinned(samples: Samples, max_points: int) -> Samples:
+    """Every k-th sample point, k the smallest step leaving at most ``max_points`` (the samples
+    themselves when they are already that few). Points in grid order stay spread over the image."""
+    step = -(-len(samples.points) // int(max_points))
+    if step <= 1:
+        return samples
+    return Samples(samples.points[::step], samples.values[::step], samples.bins[::step], samples.n_bins)
+
+
 def make_moving_level(volume: Volume, n_bins: int, value_range=None, mask: np.ndarray | None = None) -> MovingLevel:
     """Map moving intensities [lo, hi] to continuous bins [2, n_bins - 3] (cubic-kernel padding).
 

@@ -17,7 +17,7 @@ from .volume import Volume
 
 #: Default cap on the fixed sample points of one level (``max_points``): the error of a rigid fit
 #: stops improving well below it (error against the cap in benchmarks/README.md, "Speed").
-MAX_POINTS = 100_000
+MAX_POINTS = 150_000
 #: Centres of mass (rotation centre, ``init='com'``) come from the finest level with at most this
 #: many voxels in each image.
 COM_MAX_VOXELS = 2 ** 21
@@ -33,6 +33,11 @@ STEP_TOL = 0.002
 STEP_PATIENCE = 2
 #: The same for the global search's refinements, which only have to tell basins apart.
 SEARCH_STEP_TOL = 0.01
+#: Most sample points the global search scores its poses with at the coarsest level and at the
+#: finer check (every k-th point of the level: still spread over the whole image). A 3 mm EPI's
+#: levels have fewer (12 mm: ~2 000, 6 mm: ~19 000); a 1 mm pair's 8 mm and 4 mm levels have
+#: 8 000 and 67 000, which made its search twice as slow for no better start.
+SEARCH_MAX_POINTS = (4000, 20000)
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,7 @@ class _Objective:
             return -value, np.zeros_like(q)
         gmat = histogram.matrix_gradient(self.samples, self.moving, ev, dtable)
         dmat = self.model.dmatrix(params, self.centre)
-        grad_p = np.tensordot(dmat, gmat, axes=([1, 2], [0, 1]))
+        grad_p = dmat.reshape(len(dmat), 12) @ gmat.ravel()
         return -value, -grad_p * self.scales
 
     def with_model(self, model, scales):
@@ -348,8 +353,9 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
     radius = float(np.sqrt(np.mean(np.sum((pts_fine - centre) ** 2, axis=1)))) if len(pts_fine) else 50.0
     radius = max(radius, 10.0)
 
-    def objective(level, mdl, step_tol=STEP_TOL):
-        return _Objective(level.samples, level.moving, mdl, metric_fn, centre, mdl.scales(radius), deadline,
+    def objective(level, mdl, step_tol=STEP_TOL, max_points=None):
+        samples = level.samples if max_points is None else histogram.thinned(level.samples, max_points)
+        return _Objective(samples, level.moving, mdl, metric_fn, centre, mdl.scales(radius), deadline,
                           step_tol * level.spacing)
 
     first = objective(lvls[0], stage_models[0])
@@ -383,8 +389,8 @@ def register(moving: Volume, fixed: Volume, *, model: str = "rigid", metric: str
         finalists = []
         if si == 0 and search != "none" and mdl.name == "rigid":
             # the search only has to tell basins apart: its refinements settle at 1 % of the spacing
-            obj = objective(lvls[0], mdl, SEARCH_STEP_TOL)
-            finer = objective(lvls[min(1, len(lvls) - 1)], mdl, SEARCH_STEP_TOL)
+            obj = objective(lvls[0], mdl, SEARCH_STEP_TOL, SEARCH_MAX_POINTS[0])
+            finer = objective(lvls[min(1, len(lvls) - 1)], mdl, SEARCH_STEP_TOL, SEARCH_MAX_POINTS[1])
             params, search_report = global_search(obj, finer, params, _refine, mode=search, radius_mm=radius)
             say(f"search: {search_report.evaluated} poses; chose the {search_report.chosen} pose "
                 f"({search_report.rotation_deg:.1f} deg from the start; {metric} "

@@ -51,6 +51,8 @@ Examples:
 @click.option("--bins", default=24, show_default=True, type=int, help="Histogram bins.")
 @click.option("--sampling", default=0.5, show_default=True, type=float,
               help="Fraction of fixed grid points used at each level (regular grid, seeded jitter).")
+@click.option("--max-points", type=int, default=None, help="Most fixed sample points per level; 0 for no cap "
+              "[default: 150000: the error stops improving well below it].")
 @click.option("--levels", type=int, default=None, help="Pyramid levels [default: from voxel sizes].")
 @click.option("--init", "init", type=click.Choice(["com", "geometry", "header"]), default="com",
               show_default=True, help="Start: align centres of mass, grid centres, or trust the headers.")
@@ -79,8 +81,8 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, metric, prior, bins, sampling, levels, init,
-             search, fixed_mask, moving_mask, auto_mask, moving_volume, interp, seed, max_iter, max_seconds, threads,
+def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, metric, prior, bins, sampling, max_points,
+             levels, init, search, fixed_mask, moving_mask, auto_mask, moving_volume, interp, seed, max_iter, max_seconds, threads,
              confidence, fail_on_suspect, as_json, quiet, debug):
     """Register MOVING (e.g. an EPI, 3D or 4D) to FIXED (e.g. a T1).
 
@@ -89,7 +91,7 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
     fixed->moving matrix is printed on stdout.
     """
     from ..io import load_volume, save_volume
-    from ..optimize import register as run_register
+    from ..optimize import MAX_POINTS, register as run_register
     from ..resample import resample
     from ..xfm import save_transform, transform_text
 
@@ -111,7 +113,8 @@ def register(moving, fixed, output, transform_out, matrix_out, qc_out, model, me
     if moving_vol.note:
         say(f"moving reference: {moving_vol.note}")
     result = run_register(moving_vol, fixed_vol, model=model, metric=metric, prior=prior_table, bins=bins,
-                          sampling=sampling, levels=levels, init=init, search=search, fixed_mask=fixed_mask_vol,
+                          sampling=sampling, max_points=MAX_POINTS if max_points is None else (max_points or None),
+                          levels=levels, init=init, search=search, fixed_mask=fixed_mask_vol,
                           moving_mask=moving_mask_vol, auto_mask=auto_mask, seed=seed, max_iter=max_iter,
                           max_seconds=max_seconds, confidence=confidence or fail_on_suspect, log=say)
     from ..io import output_group
