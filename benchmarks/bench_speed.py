@@ -169,15 +169,16 @@ def run_regkl_cli(moving, fixed, d: Path, extra=()):
 
 
 def run_elastix(moving, fixed, workdir):
-    """(fixed2moving or None, seconds of the registration call, message)."""
+    """(fixed2moving or None, seconds of the registration call, CPU seconds of this process during
+    it (all of ITK's threads), message)."""
     tool = TOOLS["elastix"]
     inputs = tool.prepare(load_volume(moving), load_volume(fixed), workdir)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         m = tool.run(inputs)
     except Exception as exc:  # noqa: BLE001 - report, never crash
-        return None, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}"
-    return m, time.perf_counter() - t0, ""
+        return None, time.perf_counter() - t0, time.process_time() - c0, f"{type(exc).__name__}: {exc}"
+    return m, time.perf_counter() - t0, time.process_time() - c0, ""
 
 
 def level_text(summary):
@@ -208,8 +209,8 @@ def part_pairs(args, workdir, shared):
     if not skip:
         run_elastix(first["moving"][0], first["fixed"], workdir)
     say("")
-    say(f"{'pair':<5} {'rep':>3} {'regkl_s':>8} {'cpu_s':>6} {'regkl_mm':>8} {'elastix_s':>9} {'elastix_mm':>10}"
-        f" {'ratio':>6} {'load':>15}  regkl levels")
+    say(f"{'pair':<5} {'rep':>3} {'regkl_s':>8} {'cpu_s':>6} {'regkl_mm':>8} {'elastix_s':>9} {'cpu_s':>6} "
+        f"{'elastix_mm':>10} {'ratio':>6} {'load':>15}  regkl levels")
     rows = []
     for name in names:
         pair = pairs[name]
@@ -224,20 +225,21 @@ def part_pairs(args, workdir, shared):
                    "regkl_levels": info.get("levels") if isinstance(info, dict) else None,
                    "regkl_message": "" if isinstance(info, dict) else info, "load": load}
             if not skip:
-                me, esec, msg = run_elastix(pair["moving"][r], pair["fixed"], workdir)
+                me, esec, ecpu, msg = run_elastix(pair["moving"][r], pair["fixed"], workdir)
                 if r == 0:
                     ref["elastix"] = me
-                row.update(elastix_seconds=esec, elastix_error_mm=error_mm(pair, r, me, ref["elastix"]),
-                           elastix_message=msg)
+                row.update(elastix_seconds=esec, elastix_cpu_seconds=ecpu,
+                           elastix_error_mm=error_mm(pair, r, me, ref["elastix"]), elastix_message=msg)
             rows.append(row)
             ratio = sec / row["elastix_seconds"] if not skip else float("nan")
             say(f"{name:<5} {r:>3} {sec:>8.2f} {cpu:>6.2f} {err:>8.3f} {row.get('elastix_seconds', math.nan):>9.2f} "
-                f"{row.get('elastix_error_mm', math.nan):>10.3f} {ratio:>6.2f} {load:>15}  "
+                f"{row.get('elastix_cpu_seconds', math.nan):>6.2f} {row.get('elastix_error_mm', math.nan):>10.3f} "
+                f"{ratio:>6.2f} {load:>15}  "
                 f"{level_text(info) if isinstance(info, dict) else info}")
     say("")
     say("## Summary (medians over the repeats; real pair: error over repeats 1.. only)")
-    say(f"{'pair':<5} {'regkl_s':>8} {'elastix_s':>9} {'regkl/elastix':>13} {'regkl_mm':>8} {'elastix_mm':>10}"
-        f" {'regkl_max_mm':>12} {'elastix_max_mm':>14}  pair")
+    say(f"{'pair':<5} {'regkl_s':>8} {'elastix_s':>9} {'regkl/elastix':>13} {'cpu_ratio':>9} {'regkl_mm':>8} "
+        f"{'elastix_mm':>10} {'regkl_max_mm':>12} {'elastix_max_mm':>14}  pair")
     summary = {}
     for name in names:
         rr = [row for row in rows if row["pair"] == name]
@@ -245,13 +247,15 @@ def part_pairs(args, workdir, shared):
         errs = lambda key: [row[key] for row in rr if key in row and not math.isnan(row[key])]  # noqa: E731
         rs, es = med("regkl_seconds"), med("elastix_seconds")
         re_, ee = errs("regkl_error_mm"), errs("elastix_error_mm")
-        entry = {"regkl_seconds": rs, "elastix_seconds": es, "ratio": rs / es,
+        cpu_ratio = med("regkl_cpu_seconds") / med("elastix_cpu_seconds")
+        entry = {"regkl_seconds": rs, "elastix_seconds": es, "ratio": rs / es, "cpu_ratio": cpu_ratio,
                  "regkl_error_mm": statistics.median(re_) if re_ else math.nan,
                  "elastix_error_mm": statistics.median(ee) if ee else math.nan,
                  "regkl_max_error_mm": max(re_) if re_ else math.nan,
                  "elastix_max_error_mm": max(ee) if ee else math.nan, "what": pair_what(pairs, name)}
         summary[name] = entry
-        say(f"{name:<5} {rs:>8.2f} {es:>9.2f} {entry['ratio']:>13.2f} {entry['regkl_error_mm']:>8.3f} "
+        say(f"{name:<5} {rs:>8.2f} {es:>9.2f} {entry['ratio']:>13.2f} {cpu_ratio:>9.2f} "
+            f"{entry['regkl_error_mm']:>8.3f} "
             f"{entry['elastix_error_mm']:>10.3f} {entry['regkl_max_error_mm']:>12.3f} "
             f"{entry['elastix_max_error_mm']:>14.3f}  {entry['what']}")
     if "easy" in summary and "mm1" in summary:
@@ -420,7 +424,8 @@ def main(argv=None):
     args = parse_args(argv)
     shared = Path(args.shared) if args.shared else synthetic.default_shared_dir()
     parts = [p for p in args.part.split(",") if p]
-    say(f"# bench_speed {' '.join(sys.argv[1:])}; load at start {load_text()}; nice {os.nice(0)}; "
+    say(f"# bench_speed {' '.join(sys.argv[1:])}; regkl {regkl.__version__}; load at start {load_text()}; "
+        f"nice {os.nice(0)}; "
         f"{os.cpu_count()} cores")
     result = {"args": {k: v for k, v in vars(args).items()}, "load_start": os.getloadavg()}
     tmp = None
