@@ -158,9 +158,11 @@ class Evaluation:
     """Histogram state at one transform."""
 
     hist: np.ndarray        # (F, M) counts
-    n_valid: int            # points of weight > 0 (inside the moving image and mask)
-    weight_sum: float       # sum of the points' weights (= hist.sum())
-    vox_mat: np.ndarray     # (3, 4) fixed world mm -> moving voxel index used
+    mov_c: np.ndarray       # (N,) continuous moving bins, NaN outside
+    mov_g: np.ndarray       # (N, 3) d bin / d moving voxel index
+    mov_w: np.ndarray       # (N,) weight of each point (0 outside the moving image)
+    mov_gw: np.ndarray      # (N, 3) d weight / d moving voxel index
+    n_valid: int
 
 
 def joint_histogram(samples: Samples, moving: MovingLevel, fixed2moving: np.ndarray) -> Evaluation:
@@ -177,10 +179,15 @@ def joint_histogram(samples: Samples, moving: MovingLevel, fixed2moving: np.ndar
     if m.shape != (4, 4) or not np.all(np.isfinite(m)):
         raise KernelInputError(f"fixed2moving must be a finite 4x4 matrix, got shape {m.shape}")
     vox_mat = np.ascontiguousarray((moving.volume.ras2vox @ m)[:3])
-    kernel = kernels.joint_histogram_serial if _serial(len(samples.points)) else kernels.joint_histogram
-    hist, n_valid, weight_sum = kernel(samples.bins, samples.points, moving.volume.data, vox_mat, moving.lo,
-                                       moving.scale, moving.n_bins, samples.n_bins, *_mask_args(moving))
-    return Evaluation(hist, int(n_valid), float(weight_sum), vox_mat)
+    n = samples.points.shape[0]
+    mov_c = np.empty(n)
+    mov_g = np.empty((n, 3))
+    mov_w = np.empty(n)
+    mov_gw = np.empty((n, 3))
+    kernel = kernels.joint_histogram_serial if _serial(n) else kernels.joint_histogram
+    hist = kernel(samples.bins, samples.points, moving.volume.data, vox_mat, moving.lo, moving.scale, moving.n_bins,
+                  samples.n_bins, mov_c, mov_g, mov_w, mov_gw, *_mask_args(moving))
+    return Evaluation(hist, mov_c, mov_g, mov_w, mov_gw, int(np.count_nonzero(mov_w > 0)))
 
 
 def joint_histograms(samples: Samples, moving: MovingLevel, fixed2movings) -> tuple:
@@ -208,5 +215,5 @@ def matrix_gradient(samples: Samples, moving: MovingLevel, evaluation: Evaluatio
         raise KernelInputError(f"dtable shape {dtable.shape} != histogram shape {evaluation.hist.shape}")
     vox_lin = np.ascontiguousarray(moving.volume.ras2vox[:3, :3])
     kernel = kernels.matrix_gradient_serial if _serial(len(samples.points)) else kernels.matrix_gradient
-    return kernel(samples.bins, samples.points, moving.volume.data, evaluation.vox_mat, moving.lo, moving.scale,
-                  dtable, vox_lin, *_mask_args(moving))
+    return kernel(samples.bins, samples.points, evaluation.mov_c, evaluation.mov_g, evaluation.mov_w,
+                  evaluation.mov_gw, dtable, vox_lin)

@@ -92,25 +92,6 @@ def trilinear_inside(data, u, v, w):
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def trilinear_value(data, u, v, w):
-    """Trilinear value only, without the bounds check (0 <= index <= n - 1 guaranteed)."""
-    n0, n1, n2 = data.shape
-    i = min(int(u), n0 - 2)
-    j = min(int(v), n1 - 2)
-    k = min(int(w), n2 - 2)
-    fu = u - i
-    fv = v - j
-    fw = w - k
-    c00 = data[i, j, k] + fw * (data[i, j, k + 1] - data[i, j, k])
-    c01 = data[i, j + 1, k] + fw * (data[i, j + 1, k + 1] - data[i, j + 1, k])
-    c10 = data[i + 1, j, k] + fw * (data[i + 1, j, k + 1] - data[i + 1, j, k])
-    c11 = data[i + 1, j + 1, k] + fw * (data[i + 1, j + 1, k + 1] - data[i + 1, j + 1, k])
-    c0 = c00 + fv * (c01 - c00)
-    c1 = c10 + fv * (c11 - c10)
-    return c0 + fu * (c1 - c0)
-
-
-@njit(cache=True, fastmath=False, inline="always")
 def edge_ramp(t, n):
     """C1 weight of continuous index t on an axis of n voxels: 0 outside [0, n-1], rising as a
     smoothstep over the first and last voxel, 1 inside. Returns (weight, d weight / dt)."""
@@ -144,27 +125,16 @@ def bspline3_deriv_weights(t):
     return -0.5 * s * s, t * (1.5 * t - 2.0), s * (2.0 - 1.5 * s), 0.5 * t * t
 
 
-@njit(cache=True, fastmath=False, inline="always")
-def _point_weight(moving, mov_mask, use_mask, u, v, w):
-    """Weight of a point at moving index (u, v, w): edge ramps times the mask (0 outside)."""
-    n0, n1, n2 = moving.shape
-    ru, _ = edge_ramp(u, n0)
-    rv, _ = edge_ramp(v, n1)
-    rw, _ = edge_ramp(w, n2)
-    weight = ru * rv * rw
-    if use_mask and weight > 0.0:
-        weight *= trilinear_value(mov_mask, u, v, w)
-    return weight
-
-
 @njit(cache=True, parallel=True, fastmath=False)
 def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_moving_bins, n_fixed_bins,
-                    mov_mask, use_mask):
+                    mov_c, mov_g, mov_w, mov_gw, mov_mask, use_mask):
     """Parzen-window joint histogram of fixed bins against moving intensities.
 
     Each sample point adds a cubic B-spline kernel centred on its continuous moving bin, in the row
     of its fixed bin, with weight ``w`` in [0, 1]: 1 inside the moving image, falling smoothly (C1)
     to 0 over the outermost voxel, 0 outside (points outside are left out, never zero-filled).
+    What the gradient needs of each point is stored (one trilinear fetch per point and
+    evaluation: on a large moving image the fetches, not the arithmetic, dominate).
 
     Parameters
     ----------
@@ -180,6 +150,14 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
         Moving intensity m maps to continuous bin ``2 + (m - mov_lo) * mov_scale``, clipped to
         ``[2, n_moving_bins - 3]``.
     n_moving_bins, n_fixed_bins : int
+    mov_c : float64 (N,) output
+        Continuous moving bin of every point (NaN where its weight is 0).
+    mov_g : float64 (N, 3) output
+        d(continuous bin)/d(moving voxel index) (zero where clipped).
+    mov_w : float64 (N,) output
+        Weight of every point.
+    mov_gw : float64 (N, 3) output
+        d(weight)/d(moving voxel index).
     mov_mask : float32 (I, J, K)
         Moving mask in [0, 1] on the moving grid (trilinear; multiplies the weight) if ``use_mask``.
     use_mask : bool
@@ -188,87 +166,17 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
     -------
     hist : float64 (n_fixed_bins, n_moving_bins)
         Weighted joint histogram (total = sum of weights).
-    n_valid : int
-        Points of weight > 0.
-    weight_sum : float
-        Sum of the weights.
     """
     n = points.shape[0]
+    n0, n1, n2 = moving.shape
     n_chunks = (n + CHUNK - 1) // CHUNK
     size = n_fixed_bins * n_moving_bins
     partial = np.zeros((n_chunks, size))
-    counts = np.zeros(n_chunks, dtype=np.int64)
-    sums = np.zeros(n_chunks)
     top = n_moving_bins - 3.0
     for c in prange(n_chunks):
         start = c * CHUNK
         stop = min(start + CHUNK, n)
         part = partial[c]
-        count = 0
-        total = 0.0
-        for p in range(start, stop):
-            x = points[p, 0]
-            y = points[p, 1]
-            z = points[p, 2]
-            u = vox_mat[0, 0] * x + vox_mat[0, 1] * y + vox_mat[0, 2] * z + vox_mat[0, 3]
-            v = vox_mat[1, 0] * x + vox_mat[1, 1] * y + vox_mat[1, 2] * z + vox_mat[1, 3]
-            w = vox_mat[2, 0] * x + vox_mat[2, 1] * y + vox_mat[2, 2] * z + vox_mat[2, 3]
-            weight = _point_weight(moving, mov_mask, use_mask, u, v, w)
-            if weight <= 0.0:
-                continue
-            mc = 2.0 + (trilinear_value(moving, u, v, w) - mov_lo) * mov_scale
-            mc = min(max(mc, 2.0), top)
-            k0 = int(mc) - 1
-            b0, b1, b2, b3 = bspline3_weights(mc - k0 - 1.0)
-            row = fixed_bins[p] * n_moving_bins + k0
-            part[row] += weight * b0
-            part[row + 1] += weight * b1
-            part[row + 2] += weight * b2
-            part[row + 3] += weight * b3
-            count += 1
-            total += weight
-        counts[c] = count
-        sums[c] = total
-    hist = np.zeros(size)
-    n_valid = 0
-    weight_sum = 0.0
-    for c in range(n_chunks):
-        hist += partial[c]
-        n_valid += counts[c]
-        weight_sum += sums[c]
-    return hist.reshape((n_fixed_bins, n_moving_bins)), n_valid, weight_sum
-
-
-@njit(cache=True, parallel=True, fastmath=False)
-def matrix_gradient(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, dtable, vox_lin, mov_mask, use_mask):
-    """Gradient of a histogram metric with respect to the fixed-to-moving 3x4 world matrix.
-
-    Recomputes every point's moving position, weight and continuous bin as
-    :func:`joint_histogram` does (cheaper than storing and reading them back).
-
-    Parameters
-    ----------
-    fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, mov_mask, use_mask
-        As for :func:`joint_histogram` (the same values).
-    dtable : float64 (n_fixed_bins, n_moving_bins)
-        d(metric) / d(joint histogram entry) (full derivative, histogram in counts).
-    vox_lin : float64 (3, 3)
-        Linear part of moving_ras2vox (moving world mm to moving voxel index).
-
-    Returns
-    -------
-    grad : float64 (3, 4)
-        d(metric) / d(M[a, b]) where M is the fixed-to-moving RAS matrix (rows 0-2).
-    """
-    n = points.shape[0]
-    n0, n1, n2 = moving.shape
-    n_chunks = (n + CHUNK - 1) // CHUNK
-    partial = np.zeros((n_chunks, 12))
-    top = dtable.shape[1] - 3.0
-    for c in prange(n_chunks):
-        start = c * CHUNK
-        stop = min(start + CHUNK, n)
-        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = 0.0
         for p in range(start, stop):
             x = points[p, 0]
             y = points[p, 1]
@@ -280,46 +188,102 @@ def matrix_gradient(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, dtab
             rv, drv = edge_ramp(v, n1)
             rw, drw = edge_ramp(w, n2)
             weight = ru * rv * rw
-            if weight <= 0.0:
-                continue
             gwu = dru * rv * rw
             gwv = ru * drv * rw
             gww = ru * rv * drw
-            if use_mask:
+            if use_mask and weight > 0.0:
                 mval, mdu, mdv, mdw = trilinear_inside(mov_mask, u, v, w)
                 gwu = gwu * mval + weight * mdu
                 gwv = gwv * mval + weight * mdv
                 gww = gww * mval + weight * mdw
                 weight = weight * mval
-                if weight <= 0.0:
-                    continue
+            if weight <= 0.0:
+                mov_c[p] = np.nan
+                mov_w[p] = 0.0
+                for a in range(3):
+                    mov_g[p, a] = 0.0
+                    mov_gw[p, a] = 0.0
+                continue
             val, du, dv, dw = trilinear_inside(moving, u, v, w)
+            mov_w[p] = weight
+            mov_gw[p, 0] = gwu
+            mov_gw[p, 1] = gwv
+            mov_gw[p, 2] = gww
             mc = 2.0 + (val - mov_lo) * mov_scale
-            inside = 2.0 <= mc <= top
-            mc = min(max(mc, 2.0), top)
+            if mc < 2.0 or mc > top:
+                mc = 2.0 if mc < 2.0 else top
+                mov_g[p, 0] = 0.0
+                mov_g[p, 1] = 0.0
+                mov_g[p, 2] = 0.0
+            else:
+                mov_g[p, 0] = du * mov_scale
+                mov_g[p, 1] = dv * mov_scale
+                mov_g[p, 2] = dw * mov_scale
+            mov_c[p] = mc
+            k0 = int(mc) - 1
+            b0, b1, b2, b3 = bspline3_weights(mc - k0 - 1.0)
+            row = fixed_bins[p] * n_moving_bins + k0
+            part[row] += weight * b0
+            part[row + 1] += weight * b1
+            part[row + 2] += weight * b2
+            part[row + 3] += weight * b3
+    hist = np.zeros(size)
+    for c in range(n_chunks):
+        hist += partial[c]
+    return hist.reshape((n_fixed_bins, n_moving_bins))
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox_lin):
+    """Gradient of a histogram metric with respect to the fixed-to-moving 3x4 world matrix.
+
+    Parameters
+    ----------
+    fixed_bins, points, mov_c, mov_g, mov_w, mov_gw
+        As filled by :func:`joint_histogram`.
+    dtable : float64 (n_fixed_bins, n_moving_bins)
+        d(metric) / d(joint histogram entry) (full derivative, histogram in counts).
+    vox_lin : float64 (3, 3)
+        Linear part of moving_ras2vox (moving world mm to moving voxel index).
+
+    Returns
+    -------
+    grad : float64 (3, 4)
+        d(metric) / d(M[a, b]) where M is the fixed-to-moving RAS matrix (rows 0-2).
+    """
+    n = points.shape[0]
+    n_chunks = (n + CHUNK - 1) // CHUNK
+    partial = np.zeros((n_chunks, 12))
+    for c in prange(n_chunks):
+        start = c * CHUNK
+        stop = min(start + CHUNK, n)
+        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = 0.0
+        for p in range(start, stop):
+            mc = mov_c[p]
+            if not (mc == mc):
+                continue
+            f = fixed_bins[p]
             k0 = int(mc) - 1
             t = mc - k0 - 1.0
             b0, b1, b2, b3 = bspline3_weights(t)
             e0, e1, e2, e3 = bspline3_deriv_weights(t)
-            f = fixed_bins[p]
             t0 = dtable[f, k0]
             t1 = dtable[f, k0 + 1]
             t2 = dtable[f, k0 + 2]
             t3 = dtable[f, k0 + 3]
             s0 = b0 * t0 + b1 * t1 + b2 * t2 + b3 * t3
+            s1 = (e0 * t0 + e1 * t1 + e2 * t2 + e3 * t3) * mov_w[p]
             # d(metric contribution)/d(moving voxel index)
-            g0 = s0 * gwu
-            g1 = s0 * gwv
-            g2 = s0 * gww
-            if inside:
-                s1 = (e0 * t0 + e1 * t1 + e2 * t2 + e3 * t3) * weight * mov_scale
-                g0 += s1 * du
-                g1 += s1 * dv
-                g2 += s1 * dw
+            g0 = s1 * mov_g[p, 0] + s0 * mov_gw[p, 0]
+            g1 = s1 * mov_g[p, 1] + s0 * mov_gw[p, 1]
+            g2 = s1 * mov_g[p, 2] + s0 * mov_gw[p, 2]
             # chain rule to moving world: vox_lin^T @ g
             wx = vox_lin[0, 0] * g0 + vox_lin[1, 0] * g1 + vox_lin[2, 0] * g2
             wy = vox_lin[0, 1] * g0 + vox_lin[1, 1] * g1 + vox_lin[2, 1] * g2
             wz = vox_lin[0, 2] * g0 + vox_lin[1, 2] * g1 + vox_lin[2, 2] * g2
+            x = points[p, 0]
+            y = points[p, 1]
+            z = points[p, 2]
             a00 += wx * x
             a01 += wx * y
             a02 += wx * z
@@ -364,13 +328,17 @@ def joint_histograms(fixed_bins, points, moving, vox_mats, mov_lo, mov_scale, n_
     Python than in the kernel.
     """
     k = vox_mats.shape[0]
+    n = points.shape[0]
     hists = np.empty((k, n_fixed_bins, n_moving_bins))
     n_valid = np.empty(k, dtype=np.int64)
     for q in prange(k):
-        h, nv, _ = joint_histogram_serial(fixed_bins, points, moving, vox_mats[q], mov_lo, mov_scale,
-                                          n_moving_bins, n_fixed_bins, mov_mask, use_mask)
-        hists[q] = h
-        n_valid[q] = nv
+        mov_c = np.empty(n)
+        mov_w = np.empty(n)
+        mov_g = np.empty((n, 3))
+        mov_gw = np.empty((n, 3))
+        hists[q] = joint_histogram_serial(fixed_bins, points, moving, vox_mats[q], mov_lo, mov_scale, n_moving_bins,
+                                          n_fixed_bins, mov_c, mov_g, mov_w, mov_gw, mov_mask, use_mask)
+        n_valid[q] = np.count_nonzero(mov_w > 0.0)
     return hists, n_valid
 
 
@@ -443,7 +411,9 @@ def warm_up():
     block_mean(data, 2, 2, 2)
     pts = np.zeros((1, 3))
     bins = np.zeros(1, dtype=np.int32)
+    c, w = np.empty(1), np.empty(1)
+    g, gw = np.empty((1, 3)), np.empty((1, 3))
     for hist_fn, grad_fn in ((joint_histogram, matrix_gradient), (joint_histogram_serial, matrix_gradient_serial)):
-        hist_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, data, False)
-        grad_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, np.zeros((8, 8)), mat[:3, :3].copy(), data, False)
+        hist_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c, g, w, gw, data, False)
+        grad_fn(bins, pts, c, g, w, gw, np.zeros((8, 8)), mat[:3, :3].copy())
     joint_histograms(bins, pts, data, mat[None, :3].copy(), 0.0, 1.0, 8, 8, data, False)

@@ -476,7 +476,7 @@ class MetricProbe:
         """(metric value, or None where fewer than ``min_valid`` points overlap; overlap fraction; points inside)."""
         ev = histogram.joint_histogram(self.level.samples, self.level.moving,
                                        np.asarray(fixed2moving, dtype=np.float64))
-        overlap = ev.weight_sum / self.n_points
+        overlap = float(ev.mov_w.sum() / self.n_points)
         if ev.n_valid < self.min_valid:
             return None, overlap, int(ev.n_valid)
         return float(self.metric_fn(ev.hist)[0]), overlap, int(ev.n_valid)

@@ -44,7 +44,6 @@ def test_batched_histograms_equal_single_calls_bit_for_bit(with_mask):
         single = histogram.joint_histogram(samples, level, m)
         np.testing.assert_array_equal(h, single.hist)
         assert nv == single.n_valid
-        assert single.weight_sum == pytest.approx(single.hist.sum(), rel=1e-12)
     assert 0 < min(n_valid) < 3000  # some points fall outside: the edge handling is exercised
 
 
