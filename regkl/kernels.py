@@ -52,7 +52,7 @@ def trilinear(data, u, v, w):
     return True, val, du, dv, dw
 
 
-@njit(cache=True, fastmath=False, inline="always")
+@njit(cache=True, fastmath=False)
 def trilinear_inside(data, u, v, w):
     """:func:`trilinear` without the bounds check (the caller guarantees 0 <= index <= n - 1):
     (value, du, dv, dw)."""
@@ -91,7 +91,7 @@ def trilinear_inside(data, u, v, w):
     return val, du, dv, dw
 
 
-@njit(cache=True, fastmath=False, inline="always")
+@njit(cache=True, fastmath=False)
 def edge_ramp(t, n):
     """C1 weight of continuous index t on an axis of n voxels: 0 outside [0, n-1], rising as a
     smoothstep over the first and last voxel, 1 inside. Returns (weight, d weight / dt)."""
@@ -109,7 +109,7 @@ def edge_ramp(t, n):
     return wa * wb, da * wb + wa * db
 
 
-@njit(cache=True, fastmath=False, inline="always")
+@njit(cache=True, fastmath=False)
 def bspline3_weights(t):
     """beta3(1 + t), beta3(t), beta3(t - 1), beta3(t - 2) for t in [0, 1]: the four cubic B-spline
     weights of a continuous bin ``k0 + 1 + t`` on bins k0 .. k0 + 3 (branch-free)."""
@@ -118,7 +118,7 @@ def bspline3_weights(t):
             (4.0 - 6.0 * s * s + 3.0 * s * s * s) / 6.0, t * t * t / 6.0)
 
 
-@njit(cache=True, fastmath=False, inline="always")
+@njit(cache=True, fastmath=False)
 def bspline3_deriv_weights(t):
     """The derivatives of :func:`bspline3_weights` with respect to the continuous bin."""
     s = 1.0 - t
