@@ -127,7 +127,10 @@ def thinned(samples: Samples, max_points: int) -> Samples:
     step = -(-len(samples.points) // int(max_points))
     if step <= 1:
         return samples
-    return Samples(samples.points[::step], samples.values[::step], samples.bins[::step], samples.n_bins)
+    # contiguous copies: a strided view would make Numba compile (and cache) another specialisation
+    # of every kernel, ~15 s on the first such run
+    return Samples(np.ascontiguousarray(samples.points[::step]), np.ascontiguousarray(samples.values[::step]),
+                   np.ascontiguousarray(samples.bins[::step]), samples.n_bins)
 
 
 def make_moving_level(volume: Volume, n_bins: int, value_range=None, mask: np.ndarray | None = None) -> MovingLevel:

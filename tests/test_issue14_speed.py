@@ -84,3 +84,15 @@ def test_registration_applies_the_cap_to_every_level():
     assert [lv.n_points for lv in result.levels] == [5000, 5000]
     assert result.settings["max_points"] == 5000
     assert np.allclose(result.fixed2moving, np.eye(4), atol=0.05)
+
+
+def test_thinned_samples_are_contiguous_every_kth_point():
+    rng = np.random.default_rng(5)
+    samples = histogram.make_samples(rng.uniform(0, 10, size=(1000, 3)), rng.random(1000), 8)
+    thin = histogram.thinned(samples, 300)
+    assert len(thin.points) == 250  # step 4
+    np.testing.assert_array_equal(thin.points, samples.points[::4])
+    np.testing.assert_array_equal(thin.bins, samples.bins[::4])
+    # the kernels' compiled (C-contiguous) specialisation applies; a strided view would compile anew
+    assert thin.points.flags.c_contiguous and thin.bins.flags.c_contiguous and thin.values.flags.c_contiguous
+    assert histogram.thinned(samples, 5000) is samples
