@@ -152,7 +152,8 @@ def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str 
     Parameters
     ----------
     coarse, finer : regkl.optimize._Objective
-        Objectives of the rigid model at the coarsest and next level (``finer`` may be ``coarse``).
+        Objectives of the rigid model at the coarsest and next level (``finer`` may be ``coarse``);
+        ``coarse.metrics_at`` scores the grid of poses in one batch.
     start_params : ndarray (6,)
         Rigid parameters of the start.
     refine : callable(objective, params, max_iter) -> (params, value)
@@ -171,23 +172,25 @@ def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str 
     if coarse.model.name != "rigid":
         raise InputError("the global search works on the rigid stage")
 
-    def value(p):
-        return coarse.metric_at(p)[0]
+    def scored(poses):
+        # one batched evaluation of all the poses (coarse.metrics_at), in their order
+        return list(zip(coarse.metrics_at(poses), poses))
 
-    rotations = []
+    poses = []
     for angles in rotation_grid(max_deg, step_deg):
         p = start_params.copy()
         p[:3] = angles + start_params[:3]
-        rotations.append((value(p), p))
-    for p in half_turns(start_params, coarse.centre):
-        rotations.append((value(p), p))
+        poses.append(p)
+    poses.extend(half_turns(start_params, coarse.centre))
+    rotations = scored(poses)
     rotations.sort(key=lambda c: -c[0])
-    shifted = []
+    poses = []
     for _, p in rotations[:keep * 2]:
         for off in translation_offsets(shift_mm):
             q = p.copy()
             q[3:6] = p[3:6] + off
-            shifted.append((value(q), q))
+            poses.append(q)
+    shifted = scored(poses)
     evaluated = len(rotations) + len(shifted)
     shifted.sort(key=lambda c: -c[0])
     seeds = [p for _, p in _distinct(shifted, 10.0, radius_mm, limit=keep)]

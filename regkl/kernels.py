@@ -53,6 +53,15 @@ def trilinear(data, u, v, w):
     n0, n1, n2 = data.shape
     if not (u >= 0.0 and v >= 0.0 and w >= 0.0 and u <= n0 - 1 and v <= n1 - 1 and w <= n2 - 1):
         return False, 0.0, 0.0, 0.0, 0.0
+    val, du, dv, dw = trilinear_inside(data, u, v, w)
+    return True, val, du, dv, dw
+
+
+@njit(cache=True, fastmath=False)
+def trilinear_inside(data, u, v, w):
+    """:func:`trilinear` without the bounds check (the caller guarantees 0 <= index <= n - 1):
+    (value, du, dv, dw)."""
+    n0, n1, n2 = data.shape
     i = min(int(u), n0 - 2)
     j = min(int(v), n1 - 2)
     k = min(int(w), n2 - 2)
@@ -84,7 +93,7 @@ def trilinear(data, u, v, w):
     d0 = d00 + fv * (d01 - d00)
     d1 = d10 + fv * (d11 - d10)
     dw = d0 + fu * (d1 - d0)
-    return True, val, du, dv, dw
+    return val, du, dv, dw
 
 
 @njit(cache=True, fastmath=False)
@@ -94,6 +103,8 @@ def edge_ramp(t, n):
     top = n - 1.0
     if t <= 0.0 or t >= top:
         return 0.0, 0.0
+    if t >= 1.0 and top - t >= 1.0:
+        return 1.0, 0.0
     a = t if t < 1.0 else 1.0
     b = top - t if top - t < 1.0 else 1.0
     wa = a * a * (3.0 - 2.0 * a)
@@ -101,6 +112,22 @@ def edge_ramp(t, n):
     da = 6.0 * a * (1.0 - a) if t < 1.0 else 0.0
     db = -6.0 * b * (1.0 - b) if top - t < 1.0 else 0.0
     return wa * wb, da * wb + wa * db
+
+
+@njit(cache=True, fastmath=False)
+def bspline3_weights(t):
+    """beta3(1 + t), beta3(t), beta3(t - 1), beta3(t - 2) for t in [0, 1]: the four cubic B-spline
+    weights of a continuous bin ``k0 + 1 + t`` on bins k0 .. k0 + 3 (branch-free)."""
+    s = 1.0 - t
+    return (s * s * s / 6.0, (4.0 - 6.0 * t * t + 3.0 * t * t * t) / 6.0,
+            (4.0 - 6.0 * s * s + 3.0 * s * s * s) / 6.0, t * t * t / 6.0)
+
+
+@njit(cache=True, fastmath=False)
+def bspline3_deriv_weights(t):
+    """The derivatives of :func:`bspline3_weights` with respect to the continuous bin."""
+    s = 1.0 - t
+    return -0.5 * s * s, t * (1.5 * t - 2.0), s * (2.0 - 1.5 * s), 0.5 * t * t
 
 
 @njit(cache=True, parallel=True, fastmath=False)
@@ -111,6 +138,8 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
     Each sample point adds a cubic B-spline kernel centred on its continuous moving bin, in the row
     of its fixed bin, with weight ``w`` in [0, 1]: 1 inside the moving image, falling smoothly (C1)
     to 0 over the outermost voxel, 0 outside (points outside are left out, never zero-filled).
+    What the gradient needs of each point is stored (one trilinear fetch per point and
+    evaluation: on a large moving image the fetches, not the arithmetic, dominate).
 
     Parameters
     ----------
@@ -146,11 +175,13 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
     n = points.shape[0]
     n0, n1, n2 = moving.shape
     n_chunks = (n + CHUNK - 1) // CHUNK
-    partial = np.zeros((n_chunks, n_fixed_bins, n_moving_bins))
+    size = n_fixed_bins * n_moving_bins
+    partial = np.zeros((n_chunks, size))
     top = n_moving_bins - 3.0
     for c in prange(n_chunks):
         start = c * CHUNK
         stop = min(start + CHUNK, n)
+        part = partial[c]
         for p in range(start, stop):
             x = points[p, 0]
             y = points[p, 1]
@@ -166,7 +197,7 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
             gwv = ru * drv * rw
             gww = ru * rv * drw
             if use_mask and weight > 0.0:
-                okm, mval, mdu, mdv, mdw = trilinear(mov_mask, u, v, w)
+                mval, mdu, mdv, mdw = trilinear_inside(mov_mask, u, v, w)
                 gwu = gwu * mval + weight * mdu
                 gwv = gwv * mval + weight * mdv
                 gww = gww * mval + weight * mdw
@@ -178,7 +209,7 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
                     mov_g[p, a] = 0.0
                     mov_gw[p, a] = 0.0
                 continue
-            ok, val, du, dv, dw = trilinear(moving, u, v, w)
+            val, du, dv, dw = trilinear_inside(moving, u, v, w)
             mov_w[p] = weight
             mov_gw[p, 0] = gwu
             mov_gw[p, 1] = gwv
@@ -194,14 +225,17 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
                 mov_g[p, 1] = dv * mov_scale
                 mov_g[p, 2] = dw * mov_scale
             mov_c[p] = mc
-            f = fixed_bins[p]
             k0 = int(mc) - 1
-            for k in range(k0, k0 + 4):
-                partial[c, f, k] += weight * bspline3(mc - k)
-    hist = np.zeros((n_fixed_bins, n_moving_bins))
+            b0, b1, b2, b3 = bspline3_weights(mc - k0 - 1.0)
+            row = fixed_bins[p] * n_moving_bins + k0
+            part[row] += weight * b0
+            part[row + 1] += weight * b1
+            part[row + 2] += weight * b2
+            part[row + 3] += weight * b3
+    hist = np.zeros(size)
     for c in range(n_chunks):
         hist += partial[c]
-    return hist
+    return hist.reshape((n_fixed_bins, n_moving_bins))
 
 
 @njit(cache=True, parallel=True, fastmath=False)
@@ -224,28 +258,30 @@ def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox
     """
     n = points.shape[0]
     n_chunks = (n + CHUNK - 1) // CHUNK
-    partial = np.zeros((n_chunks, 3, 4))
+    partial = np.zeros((n_chunks, 12))
     for c in prange(n_chunks):
         start = c * CHUNK
         stop = min(start + CHUNK, n)
+        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = 0.0
         for p in range(start, stop):
             mc = mov_c[p]
             if not (mc == mc):
                 continue
             f = fixed_bins[p]
             k0 = int(mc) - 1
-            s0 = 0.0
-            s1 = 0.0
-            for k in range(k0, k0 + 4):
-                s0 += bspline3(mc - k) * dtable[f, k]
-                s1 += bspline3_deriv(mc - k) * dtable[f, k]
-            s1 *= mov_w[p]
+            t = mc - k0 - 1.0
+            b0, b1, b2, b3 = bspline3_weights(t)
+            e0, e1, e2, e3 = bspline3_deriv_weights(t)
+            t0 = dtable[f, k0]
+            t1 = dtable[f, k0 + 1]
+            t2 = dtable[f, k0 + 2]
+            t3 = dtable[f, k0 + 3]
+            s0 = b0 * t0 + b1 * t1 + b2 * t2 + b3 * t3
+            s1 = (e0 * t0 + e1 * t1 + e2 * t2 + e3 * t3) * mov_w[p]
             # d(metric contribution)/d(moving voxel index)
             g0 = s1 * mov_g[p, 0] + s0 * mov_gw[p, 0]
             g1 = s1 * mov_g[p, 1] + s0 * mov_gw[p, 1]
             g2 = s1 * mov_g[p, 2] + s0 * mov_gw[p, 2]
-            if g0 == 0.0 and g1 == 0.0 and g2 == 0.0:
-                continue
             # chain rule to moving world: vox_lin^T @ g
             wx = vox_lin[0, 0] * g0 + vox_lin[1, 0] * g1 + vox_lin[2, 0] * g2
             wy = vox_lin[0, 1] * g0 + vox_lin[1, 1] * g1 + vox_lin[2, 1] * g2
@@ -253,22 +289,62 @@ def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox
             x = points[p, 0]
             y = points[p, 1]
             z = points[p, 2]
-            partial[c, 0, 0] += wx * x
-            partial[c, 0, 1] += wx * y
-            partial[c, 0, 2] += wx * z
-            partial[c, 0, 3] += wx
-            partial[c, 1, 0] += wy * x
-            partial[c, 1, 1] += wy * y
-            partial[c, 1, 2] += wy * z
-            partial[c, 1, 3] += wy
-            partial[c, 2, 0] += wz * x
-            partial[c, 2, 1] += wz * y
-            partial[c, 2, 2] += wz * z
-            partial[c, 2, 3] += wz
-    grad = np.zeros((3, 4))
+            a00 += wx * x
+            a01 += wx * y
+            a02 += wx * z
+            a03 += wx
+            a10 += wy * x
+            a11 += wy * y
+            a12 += wy * z
+            a13 += wy
+            a20 += wz * x
+            a21 += wz * y
+            a22 += wz * z
+            a23 += wz
+        q = partial[c]
+        q[0], q[1], q[2], q[3] = a00, a01, a02, a03
+        q[4], q[5], q[6], q[7] = a10, a11, a12, a13
+        q[8], q[9], q[10], q[11] = a20, a21, a22, a23
+    grad = np.zeros(12)
     for c in range(n_chunks):
         grad += partial[c]
-    return grad
+    return grad.reshape((3, 4))
+
+
+#: Below this many sample points the serial builds are used: waking the thread pool costs more
+#: than the work (the coarsest level and the global search evaluate a few thousand points).
+SERIAL_BELOW = 20000
+
+# Serial builds of the same functions (prange runs as range); identical results, no thread wake-up.
+# They release the GIL, so independent evaluations can run concurrently in Python threads
+# (:func:`regkl.histogram.serial_kernels`).
+joint_histogram_serial = njit(cache=True, fastmath=False, nogil=True)(joint_histogram.py_func)
+matrix_gradient_serial = njit(cache=True, fastmath=False, nogil=True)(matrix_gradient.py_func)
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def joint_histograms(fixed_bins, points, moving, vox_mats, mov_lo, mov_scale, n_moving_bins, n_fixed_bins,
+                     mov_mask, use_mask):
+    """:func:`joint_histogram` of the same points under K poses at once, one pose per thread.
+
+    ``vox_mats`` is (K, 3, 4); returns hists (K, n_fixed_bins, n_moving_bins) and n_valid (K,),
+    each bit-identical to a separate call (the same serial chunk order per pose). For the global
+    search's hundreds of poses of a few thousand points, where one call per pose costs more in
+    Python than in the kernel.
+    """
+    k = vox_mats.shape[0]
+    n = points.shape[0]
+    hists = np.empty((k, n_fixed_bins, n_moving_bins))
+    n_valid = np.empty(k, dtype=np.int64)
+    for q in prange(k):
+        mov_c = np.empty(n)
+        mov_w = np.empty(n)
+        mov_g = np.empty((n, 3))
+        mov_gw = np.empty((n, 3))
+        hists[q] = joint_histogram_serial(fixed_bins, points, moving, vox_mats[q], mov_lo, mov_scale, n_moving_bins,
+                                          n_fixed_bins, mov_c, mov_g, mov_w, mov_gw, mov_mask, use_mask)
+        n_valid[q] = np.count_nonzero(mov_w > 0.0)
+    return hists, n_valid
 
 
 #: Number of weighted sums :func:`weighted_moments` accumulates:
@@ -435,15 +511,7 @@ def block_mean(data, f0, f1, f2):
     return out
 
 
-#: Below this many sample points the serial builds are used: waking the thread pool costs more
-#: than the work (the coarsest level and the global search evaluate a few thousand points).
-SERIAL_BELOW = 20000
-
-# Serial builds of the same functions (prange runs as range); identical results, no thread wake-up.
-# They release the GIL, so independent evaluations can run concurrently in Python threads
-# (:func:`regkl.histogram.serial_kernels`).
-joint_histogram_serial = njit(cache=True, fastmath=False, nogil=True)(joint_histogram.py_func)
-matrix_gradient_serial = njit(cache=True, fastmath=False, nogil=True)(matrix_gradient.py_func)
+# Serial twins of the moments and block-mean kernels (see joint_histogram_serial above).
 weighted_moments_serial = njit(cache=True, fastmath=False, nogil=True)(weighted_moments.py_func)
 block_mean_serial = njit(cache=True, fastmath=False, nogil=True)(block_mean.py_func)
 
@@ -466,5 +534,6 @@ def warm_up():
     for hist_fn, grad_fn in ((joint_histogram, matrix_gradient), (joint_histogram_serial, matrix_gradient_serial)):
         hist_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c, g, w, gw, data, False)
         grad_fn(bins, pts, c, g, w, gw, np.zeros((8, 8)), mat[:3, :3].copy())
+    joint_histograms(bins, pts, data, mat[None, :3].copy(), 0.0, 1.0, 8, 8, data, False)
     for moments_fn in (weighted_moments, weighted_moments_serial):
         moments_fn(pts, np.zeros(1), data, mat[:3].copy(), 0.0, 1.0)

@@ -15,6 +15,12 @@ from .metrics import NATIVE_FIXED_METRICS, get_metric
 from .transforms import get_model, rms_displacement
 from .volume import Volume, as_volume
 
+#: Default cap on the fixed sample points of one level (``max_points``): the error of a rigid fit
+#: stops improving well below it (error against the cap in benchmarks/README.md, "Speed").
+MAX_POINTS = 150_000
+#: Centres of mass (rotation centre, ``init='com'``) come from the finest level with at most this
+#: many voxels in each image.
+COM_MAX_VOXELS = 2 ** 21
 #: Minimum fraction of sample points that must land inside the moving image.
 MIN_OVERLAP = 0.05
 #: Metric value reported where the images do not overlap enough: below any metric's real range
@@ -34,6 +40,11 @@ SEARCH_STEP_TOL = 0.01
 AUTO_MASK_MAX_LOSS = 0.005
 #: ... unless it is within this distance (RMS mm over the sample points) of the unmasked answer anyway.
 AUTO_MASK_FREE_MM = 0.5
+#: Most sample points the global search scores its poses with at the coarsest level and at the
+#: finer check (every k-th point of the level: still spread over the whole image). A 3 mm EPI's
+#: levels have fewer (12 mm: ~2 000, 6 mm: ~19 000); a 1 mm pair's 8 mm and 4 mm levels have
+#: 8 000 and 67 000, which made its search twice as slow for no better start.
+SEARCH_MAX_POINTS = (4000, 20000)
 
 
 @dataclass(frozen=True)
@@ -130,14 +141,25 @@ class _Objective:
         self.min_valid = max(64, int(MIN_OVERLAP * samples.points.shape[0])) if min_valid is None else int(min_valid)
 
     def metric_at(self, params):
-        if self.deadline is not None and time.perf_counter() > self.deadline:
-            raise RegistrationError("time limit reached (--max-seconds); the images may be very large or the "
-                                    "problem ill-posed")
+        self._check_deadline()
         ev = histogram.joint_histogram(self.samples, self.moving, self.model.matrix(params, self.centre))
         if ev.n_valid < self.min_valid:
             return NO_OVERLAP_VALUE, ev, None
         value, dtable = self.metric_fn(ev.hist)
         return value, ev, dtable
+
+    def metrics_at(self, params_list):
+        """Metric values at many poses (one batched kernel call); NO_OVERLAP_VALUE where too few
+        points overlap. The same values as :meth:`metric_at`, one by one."""
+        self._check_deadline()
+        mats = np.stack([self.model.matrix(p, self.centre) for p in params_list])
+        hists, n_valid = histogram.joint_histograms(self.samples, self.moving, mats)
+        return [NO_OVERLAP_VALUE if nv < self.min_valid else self.metric_fn(h)[0] for h, nv in zip(hists, n_valid)]
+
+    def _check_deadline(self):
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise RegistrationError("time limit reached (--max-seconds); the images may be very large or the "
+                                    "problem ill-posed")
 
     def __call__(self, q):
         self.evaluations += 1
@@ -149,7 +171,7 @@ class _Objective:
             return -value, np.zeros_like(q)
         gmat = histogram.matrix_gradient(self.samples, self.moving, ev, dtable)
         dmat = self.model.dmatrix(params, self.centre)
-        grad_p = np.tensordot(dmat, gmat, axes=([1, 2], [0, 1]))
+        grad_p = dmat.reshape(len(dmat), 12) @ gmat.ravel()
         return -value, -grad_p * self.scales
 
     def with_model(self, model, scales):
@@ -205,7 +227,7 @@ def _too_few_points(fixed, moving, spacing, n, sampling, fixed_mask, roles):
 
 
 def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask, native_finest=False,
-                  roles=("fixed", "moving")):
+                  roles=("fixed", "moving"), max_points=None):
     """Pyramid levels, coarse to fine. With ``native_finest`` (the metrics in
     :data:`regkl.metrics.NATIVE_FIXED_METRICS`), the finest level's sample points keep their
     positions but take their fixed intensities from ``fixed`` itself, unsmoothed.
@@ -214,14 +236,15 @@ def _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, movi
     and moving points whose interpolation touches one count as outside the moving image
     (:func:`regkl.pyramid.no_data_mask`, applied like a moving mask). A coarse level with fewer than
     :data:`MIN_LEVEL_POINTS` sample points is left out; a finest one is refused. ``roles``: what the
-    user calls ``fixed`` and ``moving``, for messages (they differ when registering the other way)."""
+    user calls ``fixed`` and ``moving``, for messages (they differ when registering the other way).
+    ``max_points`` caps the sample points of every level (None: no cap)."""
     levels = []
     reach = reachable_fraction(fixed, moving)
     for li, spacing in enumerate(spacings):
         finest = li == len(spacings) - 1
         flev = pyramid.downsample(fixed, spacing)
         mlev = pyramid.downsample(moving, spacing)
-        pts, vals = pyramid.sample_grid(flev, sampling, rng)
+        pts, vals = pyramid.sample_grid(flev, sampling, rng, max_points=max_points)
         if native_finest and finest:
             vals = pyramid.values_at(fixed, pts)
             keep = np.isfinite(vals)
@@ -365,8 +388,8 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
              sampling: float = 0.5, levels: int | None = None, init: str = "com",
              init_fixed2moving: np.ndarray | None = None, search: str = "auto", fixed_mask: Volume | None = None,
              moving_mask: Volume | None = None, auto_mask: bool = False, prior=None, seed: int = 0,
-             max_iter: int = 100, max_seconds: float | None = 600.0, confidence: bool = False,
-             log=None) -> Result:
+             max_points: int | None = MAX_POINTS, max_iter: int = 100, max_seconds: float | None = 600.0,
+             confidence: bool = False, log=None) -> Result:
     """Align ``moving`` to ``fixed`` by maximising a histogram similarity metric.
 
     Parameters
@@ -401,6 +424,9 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
         Expected joint histogram for ``metric='kl'``.
     seed : int
         Seed of the sample jitter and subsampling; the result is deterministic for a seed.
+    max_points : int or None
+        Cap on the fixed sample points of each level (None: ``sampling`` alone decides); the work
+        per level is then bounded whatever the image size.
     max_iter : int
         Maximum optimiser iterations per level (and 4x as many metric evaluations).
     max_seconds : float or None
@@ -436,8 +462,8 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
     moving_mask = None if moving_mask is None else as_volume(moving_mask, what="moving_mask", allow_constant=True)
     options = dict(model=model, metric=metric, bins=bins, sampling=sampling, levels=levels, init=init,
                    init_fixed2moving=init_fixed2moving, search=search, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                   auto_mask=auto_mask, prior=prior, seed=seed, max_iter=max_iter, max_seconds=max_seconds,
-                   confidence=confidence, log=log)
+                   auto_mask=auto_mask, prior=prior, seed=seed, max_points=max_points, max_iter=max_iter,
+                   max_seconds=max_seconds, confidence=confidence, log=log)
     fraction = reachable_fraction(fixed, moving)
     if fraction < SWAP_BELOW:
         return _register_other_way(moving, fixed, fraction, options)
@@ -469,8 +495,8 @@ def _register_other_way(moving, fixed, fraction, options) -> Result:
 
 
 def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, levels, init, init_fixed2moving,
-              search, fixed_mask, moving_mask, auto_mask, prior, seed, max_iter, max_seconds, confidence,
-              log, roles=("fixed", "moving")) -> Result:
+              search, fixed_mask, moving_mask, auto_mask, prior, seed, max_points, max_iter, max_seconds,
+              confidence, log, roles=("fixed", "moving")) -> Result:
     """:func:`register` with the roles as given (``roles``: what the user calls ``fixed`` and ``moving``)."""
     t0 = time.perf_counter()
     deadline = None if max_seconds is None else t0 + float(max_seconds)
@@ -479,6 +505,8 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
         raise InputError(f"sampling must be in (0, 1], got {sampling}")
     if not 8 <= bins <= 512:
         raise InputError(f"bins must be between 8 and 512, got {bins}")
+    if max_points is not None and max_points < 1000:
+        raise InputError(f"max_points must be at least 1000, got {max_points}")
     if levels is not None and not 1 <= levels <= 6:
         raise InputError(f"levels must be between 1 and 6, got {levels}")
     if search not in SEARCH_MODES:
@@ -493,7 +521,8 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
     fixed_mask, moving_mask = masks.prepare_masks(fixed, moving, fixed_mask, moving_mask, auto_mask,
                                                   report=mask_report)
     lvls = _build_levels(moving, fixed, spacings, bins, sampling, rng, fixed_mask, moving_mask,
-                         native_finest=metric in NATIVE_FIXED_METRICS, roles=roles)
+                         native_finest=metric in NATIVE_FIXED_METRICS, roles=roles,
+                         max_points=max_points)
     if levels is not None and len(lvls) < levels:
         say(f"using {len(lvls)} of the {levels} levels asked for ({', '.join(f'{lv.spacing:g}' for lv in lvls)} "
             f"mm): a coarser level would average away a thin field of view "
@@ -501,20 +530,26 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
             f"{pyramid.thinnest_extent_mm(fixed):.3g} mm) or keep too few sample points")
     spacings = [lv.spacing for lv in lvls]
 
-    finest_fixed = lvls[-1].fixed_image
-    centre = finest_fixed.centre_of_mass()
+    # centres of mass from the finest level small enough to read quickly (a 1 mm image's own grid
+    # costs ~0.25 s per image and moves the centre by well under a voxel)
+    com_level = next((lv for lv in reversed(lvls) if lv.fixed_image.data.size <= COM_MAX_VOXELS
+                      and lv.moving_image.data.size <= COM_MAX_VOXELS), lvls[0])
+    centre = com_level.fixed_image.centre_of_mass()
     if init_fixed2moving is not None:
         start = np.asarray(init_fixed2moving, dtype=np.float64)
         init = "given"
     else:
-        start = initial_transform(lvls[-1].moving_image, finest_fixed, init)
+        start = initial_transform(com_level.moving_image, com_level.fixed_image, init)
     pts_fine = lvls[-1].samples.points
     radius = float(np.sqrt(np.mean(np.sum((pts_fine - centre) ** 2, axis=1)))) if len(pts_fine) else 50.0
     radius = max(radius, 10.0)
 
-    def objective(level, mdl, step_tol=STEP_TOL):
-        return _Objective(level.samples, level.moving, mdl, metric_fn, centre, mdl.scales(radius), deadline,
-                          step_tol * level.spacing, level.min_valid)
+    def objective(level, mdl, step_tol=STEP_TOL, max_points=None):
+        samples = level.samples if max_points is None else histogram.thinned(level.samples, max_points)
+        # the overlap floor scales with the points kept
+        min_valid = max(64, int(level.min_valid * len(samples.points) / max(len(level.samples.points), 1)))
+        return _Objective(samples, level.moving, mdl, metric_fn, centre, mdl.scales(radius), deadline,
+                          step_tol * level.spacing, min_valid)
 
     first = objective(lvls[0], stage_models[0])
     p0 = stage_models[0].from_matrix(start, centre)
@@ -551,8 +586,8 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
         finalists = []
         if si == 0 and search != "none" and mdl.name == "rigid":
             # the search only has to tell basins apart: its refinements settle at 1 % of the spacing
-            obj = objective(lvls[0], mdl, SEARCH_STEP_TOL)
-            finer = objective(lvls[min(1, len(lvls) - 1)], mdl, SEARCH_STEP_TOL)
+            obj = objective(lvls[0], mdl, SEARCH_STEP_TOL, SEARCH_MAX_POINTS[0])
+            finer = objective(lvls[min(1, len(lvls) - 1)], mdl, SEARCH_STEP_TOL, SEARCH_MAX_POINTS[1])
             params, search_report = global_search(obj, finer, params, _refine, mode=search, radius_mm=radius)
             say(f"search: {search_report.evaluated} poses; chose the {search_report.chosen} pose "
                 f"({search_report.rotation_deg:.1f} deg from the start; {metric} "
@@ -576,12 +611,14 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
 
     if "used" in mask_report.values():
         # an automatic mask must never wreck a registration that works without it
-        plain = register(moving, fixed, model=model, metric=metric, bins=bins, sampling=sampling, levels=levels,
-                         init=init, init_fixed2moving=init_fixed2moving, search=search, fixed_mask=given_masks[0],
-                         moving_mask=given_masks[1], prior=prior, seed=seed, max_iter=max_iter,
-                         max_seconds=None if deadline is None else max(deadline - time.perf_counter(), 1.0))
+        plain = _register(moving, fixed, model=model, metric=metric, bins=bins, sampling=sampling, levels=levels,
+                          init=init, init_fixed2moving=init_fixed2moving, search=search, fixed_mask=given_masks[0],
+                          moving_mask=given_masks[1], auto_mask=False, prior=prior, seed=seed, max_points=max_points,
+                          max_iter=max_iter, confidence=False, log=None, roles=roles,
+                          max_seconds=None if deadline is None else max(deadline - time.perf_counter(), 1.0))
         whole = _build_levels(moving, fixed, spacings[-1:], bins, sampling, np.random.default_rng(seed),
-                              *given_masks, native_finest=metric in NATIVE_FIXED_METRICS)[0]
+                              *given_masks, native_finest=metric in NATIVE_FIXED_METRICS, roles=roles,
+                              max_points=max_points)[0]
         matrix, params, mask_report["kept"] = _keep_masked_or_plain(
             objective(lvls[-1], final), objective(whole, final), params, plain, max_iter, say, moving.name)
         if mask_report["kept"].startswith("unmasked ("):  # judge and report the answer as the unmasked run found it
@@ -612,8 +649,8 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
         levels=tuple(reports), seconds=time.perf_counter() - t0, init=init,
         stages=tuple(m.name for m in stage_models), search=search_report, confidence=conf,
         settings={"bins": bins, "sampling": sampling, "levels": len(spacings), "spacings_mm": spacings,
-                  "seed": seed, "max_iter": max_iter, "max_seconds": max_seconds, "search": search,
-                  "auto_mask": auto_mask, "auto_masks": mask_report if auto_mask else None,
+                  "seed": seed, "max_points": max_points, "max_iter": max_iter, "max_seconds": max_seconds,
+                  "search": search, "auto_mask": auto_mask, "auto_masks": mask_report if auto_mask else None,
                   "registered_other_way": False,
                   "fixed_mask": None if fixed_mask is None else fixed_mask.name,
                   "moving_mask": None if moving_mask is None else moving_mask.name},

@@ -169,18 +169,26 @@ def smooth_variance(data: np.ndarray, var_vox) -> np.ndarray:
     return out
 
 
-def sample_grid(level: Volume, fraction: float, rng: np.random.Generator, jitter: float = 0.5):
-    """Regular-grid sample points with seeded jitter over a (downsampled) fixed image.
+def sample_grid(level: Volume, fraction: float, rng: np.random.Generator, jitter: float = 0.5,
+                max_points: int | None = None):
+    """Stratified sample points with seeded jitter over a (downsampled) fixed image.
+
+    The voxels, in storage order, are cut into ``n`` equal runs and one voxel is drawn at random
+    from each run (stratified sampling: every part of the grid gets its share, and the cost is
+    proportional to ``n``, not to the number of voxels); each point then moves by a uniform jitter.
 
     Parameters
     ----------
     level : Volume
         Fixed image of this level; its voxel centres form the grid.
     fraction : float
-        Fraction of grid points kept (random subset, seeded), in (0, 1].
+        Fraction of grid points kept, in (0, 1].
     rng : numpy.random.Generator
     jitter : float
         Uniform jitter amplitude in voxels (points stay inside the grid).
+    max_points : int, optional
+        At most this many points (the information a rigid fit needs does not grow with the
+        voxel count; see benchmarks/README.md, "Speed", for the error against the cap).
 
     Returns
     -------
@@ -193,14 +201,17 @@ def sample_grid(level: Volume, fraction: float, rng: np.random.Generator, jitter
     shape = np.asarray(level.shape)
     total = int(np.prod(shape))
     n = max(1, int(round(total * fraction)))
+    if max_points is not None:
+        n = max(1, min(n, int(max_points)))
     if n < total:
-        flat = np.sort(rng.choice(total, size=n, replace=False))
+        flat = ((np.arange(n) + rng.random(n)) * (total / n)).astype(np.int64)
+        np.minimum(flat, total - 1, out=flat)
     else:
         flat = np.arange(total)
     idx = np.stack(np.unravel_index(flat, level.shape), axis=1).astype(np.float64)
     if jitter > 0:
         idx += rng.uniform(-jitter, jitter, size=idx.shape)
-        idx = np.clip(idx, 0.0, shape - 1.0)
+        np.clip(idx, 0.0, shape - 1.0, out=idx)
     values = ndimage.map_coordinates(level.data, idx.T, order=1, mode="nearest").astype(np.float32)
     keep = np.isfinite(values)  # a NaN corner makes the interpolated value NaN, even at weight 0
     if not keep.all():

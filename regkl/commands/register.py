@@ -62,6 +62,8 @@ Examples:
 @click.option("--bins", default=24, show_default=True, type=BINS, help="Histogram bins (8 to 512).")
 @click.option("--sampling", default=0.5, show_default=True, type=SAMPLING,
               help="Fraction of fixed grid points used at each level (regular grid, seeded jitter).")
+@click.option("--max-points", type=click.IntRange(0), default=None, help="Most fixed sample points per level; 0 for no cap "
+              "[default: 150000: the error stops improving well below it].")
 @click.option("--levels", type=LEVELS, default=None, help="Pyramid levels [default: from voxel sizes].")
 @click.option("--init", "init", type=click.Choice(["com", "geometry", "header"]), default=None,
               help="Start: align centres of mass, grid centres, or trust the headers [default: com].")
@@ -97,8 +99,9 @@ Examples:
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transform, init_fmt, qc_out, model, metric,
-             prior, bins, sampling, levels, init, search, fixed_mask, moving_mask, auto_mask, moving_volume, interp,
-             fill, seed, max_iter, max_seconds, threads, confidence, fail_on_suspect, as_json, quiet, debug):
+             prior, bins, sampling, max_points, levels, init, search, fixed_mask, moving_mask, auto_mask,
+             moving_volume, interp, fill, seed, max_iter, max_seconds, threads, confidence, fail_on_suspect, as_json,
+             quiet, debug):
     """Register MOVING (e.g. an EPI, 3D or 4D) to FIXED (e.g. a T1).
 
     Writes the moving image resampled on the fixed grid (-o), the transform (--transform-out: ITK,
@@ -106,7 +109,7 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     fixed->moving matrix is printed on stdout.
     """
     from ..io import load_volume, save_volume
-    from ..optimize import register as run_register
+    from ..optimize import MAX_POINTS, register as run_register
     from ..resample import resample
     from ..xfm import output_format, read_transform, save_transform, transform_text
 
@@ -155,7 +158,8 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     init_matrix = None if start is None else start.fixed2moving(fixed_vol, moving_vol)
     with naming(pair_label(moving, fixed)):
         result = run_register(moving_vol, fixed_vol, model=model, metric=metric, prior=prior_table, bins=bins,
-                              sampling=sampling, levels=levels, init=init or "com", init_fixed2moving=init_matrix,
+                              sampling=sampling, max_points=MAX_POINTS if max_points is None else (max_points or None),
+                              levels=levels, init=init or "com", init_fixed2moving=init_matrix,
                               search=search, fixed_mask=fixed_mask_vol, moving_mask=moving_mask_vol,
                               auto_mask=auto_mask, seed=seed, max_iter=max_iter, max_seconds=max_seconds,
                               confidence=confidence or fail_on_suspect, log=say)
