@@ -80,6 +80,11 @@ def _check_itk_blocks(blocks, path) -> list:
         blocks = blocks[1:]
         if not blocks:
             raise InputError("the CompositeTransform holds no transform", path=path)
+    elif len(blocks) > 1:
+        # ITK itself would read the first one and drop the others: never a silent choice
+        raise InputError(f"holds {len(blocks)} separate transforms (e.g. one per volume, as regkl realign's "
+                         "head-motion file), not one; give a file with a single transform (or a "
+                         "CompositeTransform, whose parts are applied in order)", path=path)
     checked = []
     for kind, params, fixed in blocks:
         base, _, precision_dims = kind.partition("_")

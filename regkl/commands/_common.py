@@ -80,6 +80,22 @@ class Finite(click.FloatRange):
         return rv
 
 
+class FillValue(click.ParamType):
+    """An output fill value: a number a float32 image can hold, or nan (no data)."""
+
+    name = "value"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        if math.isinf(number) or (math.isfinite(number) and abs(number) > 3.4e38):
+            self.fail(f"{value!r} cannot be stored in the float32 output (largest magnitude about 3.4e38); "
+                      "use a finite value, or nan for no data.", param, ctx)
+        return number
+
+
 class VolumeChoice(click.ParamType):
     """How a 4D image becomes one volume: mean, median or a volume index (negative from the end), or
     one of the ``extra`` names a command also accepts (register: ``realigned``)."""

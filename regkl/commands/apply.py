@@ -8,7 +8,7 @@ import time
 import click
 import numpy as np
 
-from ._common import check_output, format_option, log
+from ._common import FillValue, check_output, format_option, log
 
 
 @click.command("apply")
@@ -19,7 +19,7 @@ from ._common import check_output, format_option, log
               "written one volume at a time.")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear", show_default=True,
               help="Interpolation; nearest keeps the values and data type (label maps).")
-@click.option("--fill", default=0.0, show_default=True, type=float,
+@click.option("--fill", default=0.0, show_default=True, type=FillValue(),
               help="Output value outside MOVING's field of view and on its NaN (no-data) voxels (e.g. -1024 for CT "
                    "in Hounsfield units; ANTs --default-value).")
 @click.option("--inverse", is_flag=True, help="Apply the transform the other way (fixed-space image onto a "

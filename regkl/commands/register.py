@@ -11,8 +11,9 @@ import click
 import numpy as np
 
 from .. import __version__
-from ..errors import RegklError
-from ._common import (BINS, LEVELS, MAX_ITER, MAX_SECONDS, METRIC, MODEL, POSITIVE, SAMPLING, SEED, VolumeChoice, echo_err,
+from ..errors import InputError, RegklError
+from ._common import (BINS, LEVELS, MAX_ITER, MAX_SECONDS, METRIC, MODEL, POSITIVE, SAMPLING, SEED, FillValue,
+                      VolumeChoice, echo_err,
                       check_output, check_picture_output, format_option, load_prior, log, naming, pair_label,
                       set_threads, volume_option, warm_kernels_in_background)
 
@@ -83,7 +84,7 @@ Examples:
                    "median of the motion-corrected steady-state volumes (as regkl realign's boldref).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear",
               show_default=True, help="Interpolation of the output image.")
-@click.option("--fill", default=0.0, show_default=True, type=float,
+@click.option("--fill", default=0.0, show_default=True, type=FillValue(),
               help="Output value where the fixed grid falls outside the moving image or on its NaN (no-data) "
                    "voxels (e.g. -1024 for CT in Hounsfield units; ANTs --default-value).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the point sampling.")
@@ -156,6 +157,10 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     if moving_vol.note:
         say(f"moving reference: {moving_vol.note}")
     init_matrix = None if start is None else start.fixed2moving(fixed_vol, moving_vol)
+    if init_matrix is not None and np.linalg.det(init_matrix[:3, :3]) < 0:
+        raise InputError("the starting transform mirrors the image (negative determinant): no rigid, similarity "
+                         "or staged affine registration can start from a reflection; check which convention "
+                         "the file is in (--init-format) or flip the image's header instead", path=init_transform)
     with naming(pair_label(moving, fixed)):
         result = run_register(moving_vol, fixed_vol, model=model, metric=metric, prior=prior_table, bins=bins,
                               sampling=sampling, max_points=MAX_POINTS if max_points is None else (max_points or None),
