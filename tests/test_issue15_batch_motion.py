@@ -151,3 +151,25 @@ def test_only_bold_series_get_motion_outputs():
         paths = pair_paths(rel, "o")
         assert paths.motion is None and len(paths.all()) == 5
     assert pair_paths("a/rest.nii.gz", "o", layout="plain").motion.xfm == Path("o/a/rest_hmc_xfm.txt")
+
+
+def test_a_failure_while_writing_the_motion_outputs_leaves_nothing(ran, tmp_path, monkeypatch):
+    """The motion outputs are written in the pair's output group: when one of them cannot be
+    written, none of the pair's files appears (nor stays from an earlier complete run)."""
+    import regkl.xfm
+    from regkl.batch import discover_bids, run_job
+
+    root, _, _ = ran
+    out = tmp_path / "results"
+    (job,) = discover_bids(root, out, options={"search": "none", "hmc": True}, shaping={"hmc": True})
+    assert run_job(job, threads=1)["status"] == "ok"
+    assert all(p.is_file() for p in job.paths.all())
+
+    def broken(_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(regkl.xfm, "itk_series_text", broken)
+    row = run_job(job, threads=1)
+    assert row["status"] == "failed" and "No space left" in row["error"]
+    assert not any(p.exists() for p in job.paths.all())
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # no temporary file either
