@@ -24,6 +24,7 @@ from typing import Callable
 from . import __version__
 from .bids import entities
 from .errors import InputError, RegklError
+from .motion import FD_OUTLIER_MM
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -175,7 +176,7 @@ COLUMNS = (
     Column("confidence", "num", _cell_confidence, "0 (suspect) .. 1", "num"),
     Column("suspect", "num", _cell_suspect),
     Column("head motion", "num", _cell_motion, "framewise displacement (Power et al. 2012) of the 4D series, mm; "
-           "flagged: FD above 0.5 mm (fMRIPrep's outliers) or a constant volume; sorted by max FD"),
+           f"flagged: FD above {FD_OUTLIER_MM:g} mm (fMRIPrep's outliers) or a constant volume; sorted by max FD"),
     Column("seconds", "num", _cell_seconds, "registration time", "num"),
 )
 
