@@ -29,7 +29,10 @@ regkl batch "$ds" --jobs 2 --json -q | python3 -c 'import json,sys; print({r["st
 # The results are a BIDS derivative dataset that pybids indexes (pip install pybids).
 python3 -c 'import sys; from bids import BIDSLayout
 layout = BIDSLayout(sys.argv[1], derivatives=True)
-print(len(layout.get(desc="coreg", suffix="xfm", extension=".txt")), "transforms found by pybids")' "$ds" \
+print(len(layout.get(desc="coreg", suffix="xfm", extension=".txt")), "transforms found by pybids")
+# head motion of every BOLD run (--hmc, the default): confounds, per-volume transforms, boldref
+print(len(layout.get(desc="confounds", suffix="timeseries", extension=".tsv")), "confounds tables,",
+      len(layout.get(desc="hmc", suffix="xfm", extension=".txt")), "head-motion transform files")' "$ds" \
   || echo "(pybids not installed: skipped the BIDSLayout check)" >&2
 
 # Apply one saved transform to the whole 4D series (every volume onto the T1 grid).

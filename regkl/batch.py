@@ -6,6 +6,8 @@ options); :func:`run_job` does one pair and never raises (a failure becomes a ro
 cluster (:func:`run_dask`). Output names come from :func:`regkl.bids.pair_paths`; whether a pair
 is complete, and the records that say so, from :mod:`regkl.resume`. Each pair also gets a small QC
 picture (:func:`regkl.qc.qc_thumbnail`), which :mod:`regkl.report` embeds in the batch's HTML report.
+A 4D BOLD series also gets its head-motion correction (:func:`regkl.realign.realign`: confounds,
+per-volume transforms, motion-corrected reference; option ``hmc``), written with the rest of its set.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .bids import FIXED_SUFFIX, NIFTI, PairPaths, bids_uri, entities, pair_paths
 from .errors import InputError
@@ -36,7 +40,7 @@ class Job:
     layout: str = "bids"
     subject: str = ""
     session: str = ""
-    options: dict = field(default_factory=dict)  #: how to run (register's keywords, moving_volume, interp, prior)
+    options: dict = field(default_factory=dict)  #: how to run (register's keywords, moving_volume, interp, prior, hmc)
     shaping: dict = field(default_factory=dict)  #: the options that shape the result, as recorded
 
     @property
@@ -234,8 +238,23 @@ def check_jobs(jobs) -> None:
 # one pair
 
 
-def _row(job: Job, status: str, seconds: float, error: str = "", result=None, written=()) -> dict:
+def _motion_summary(motion) -> dict:
+    """Summary fields of the head-motion correction: mean and max framewise displacement (mm) and the
+    number of flagged volumes (FD above :data:`regkl.motion.FD_OUTLIER_MM`, or flagged by realign);
+    None when the pair had none."""
+    if motion is None:
+        return {"fd_mean": None, "fd_max": None, "motion_outliers": None}
+    from .motion import FD_OUTLIER_MM
+
+    fd = motion.framewise_displacement[1:]
+    outliers = (np.nan_to_num(motion.framewise_displacement) > FD_OUTLIER_MM) | np.array([bool(f) for f in motion.flags])
+    return {"fd_mean": round(float(np.mean(fd)), 4), "fd_max": round(float(np.max(fd)), 4),
+            "motion_outliers": int(np.count_nonzero(outliers))}
+
+
+def _row(job: Job, status: str, seconds: float, error: str = "", result=None, written=(), motion=None) -> dict:
     paths = job.paths
+    confounds = paths.motion.confounds if paths.motion else None
     return {"subject": job.subject, "session": job.session, "moving": job.moving_rel, "fixed": job.fixed_rel,
             "output": job.rel_out(paths.reference), "transform": job.rel_out(paths.transform), "status": status,
             "metric": job.options.get("metric", "mi"),
@@ -245,7 +264,8 @@ def _row(job: Job, status: str, seconds: float, error: str = "", result=None, wr
             "suspect": None if result is None or result.confidence is None else bool(result.confidence.suspect),
             "seconds": round(seconds, 3), "error": error,
             "qc": job.rel_out(paths.figure) if paths.figure in written else "",
-            "record": job.rel_out(paths.record) if status == "ok" else ""}
+            "record": job.rel_out(paths.record) if status == "ok" else "",
+            "confounds": job.rel_out(confounds) if confounds in written else "", **_motion_summary(motion)}
 
 
 def run_job(job: Job, threads: int | None = None) -> dict:
@@ -254,6 +274,13 @@ def run_job(job: Job, threads: int | None = None) -> dict:
     Every output but the record is written in one :func:`regkl.io.output_group` (all or none);
     the record (:func:`regkl.resume.write_record`) comes last and marks the pair complete. An
     input that changes while the pair runs fails the pair; a failed pair leaves none of its outputs.
+    Outputs of an earlier run that this run does not write (motion outputs after ``hmc`` was
+    turned off) are removed before the record is written.
+
+    A 4D series is realigned once (:func:`regkl.realign.realign`) when its motion outputs are
+    wanted (``options["hmc"]`` and a suffix of :data:`regkl.bids.HMC_SUFFIXES`, or any 4D series
+    in the plain layout) or when ``moving_volume`` is ``"realigned"``; the registration then uses
+    that same result's boldref.
     """
     t0 = time.perf_counter()
     if threads:
@@ -273,12 +300,21 @@ def run_job(job: Job, threads: int | None = None) -> dict:
         opts = dict(job.options)
         moving_volume = opts.pop("moving_volume", "mean")
         interp = opts.pop("interp", "linear")
+        hmc = bool(opts.pop("hmc", False)) and paths.motion is not None
         if opts.get("prior"):
             from .metrics import load_prior
 
             opts["prior"] = load_prior(opts["prior"])[0]
         fixed = load_volume(job.fixed)
-        moving = load_volume(job.moving, volume=moving_volume)
+        motion, volumes = _realign(job, hmc or moving_volume == "realigned", opts.get("seed", 0))
+        if moving_volume == "realigned" and motion is not None:
+            from .realign import described_boldref
+
+            moving = described_boldref(motion)
+        else:  # "realigned" of a 3D image: the image itself
+            moving = load_volume(job.moving, volume="mean" if moving_volume == "realigned" else moving_volume)
+        if not hmc:
+            motion = None
         opts.setdefault("confidence", True)
         result = register(moving, fixed, **opts)
         registered = resample(moving, fixed, result.fixed2moving, interp=interp)
@@ -290,7 +326,12 @@ def run_job(job: Job, threads: int | None = None) -> dict:
         inputs = (job.moving, job.fixed)
         with output_group():
             written = _write_outputs(job, fixed, registered, result, moving_volume, inputs)
-        row = _row(job, "ok", time.perf_counter() - t0, result=result, written=written)
+            if motion is not None:
+                written += _write_motion(job, motion, volumes[0], inputs)
+        for path in paths.all()[:-1]:  # an earlier run's outputs that this one does not make
+            if path not in written:
+                path.unlink(missing_ok=True)
+        row = _row(job, "ok", time.perf_counter() - t0, result=result, written=written, motion=motion)
         resume.write_record(job, row, result, before, written, protect=inputs)
         return row
     except Exception as exc:  # noqa: BLE001 - one failing pair never stops the others
@@ -301,6 +342,22 @@ def run_job(job: Job, threads: int | None = None) -> dict:
             except OSError:
                 pass
         return _row(job, "failed", time.perf_counter() - t0, error=text)
+
+
+def _realign(job: Job, wanted: bool, seed: int) -> tuple:
+    """(RealignResult, volumes) of the moving series when ``wanted`` and it has 2 volumes or more;
+    else (None, None)."""
+    if not wanted:
+        return None, None
+    import numba
+
+    from .io import load_series
+    from .realign import realign
+
+    volumes, _ = load_series(job.moving)
+    if len(volumes) < 2:
+        return None, None
+    return realign(volumes, seed=seed, threads=numba.get_num_threads()), volumes
 
 
 def _input_fingerprint(path) -> dict:
@@ -330,7 +387,9 @@ def _write_outputs(job: Job, fixed, registered, result, moving_volume, inputs) -
 
     paths = job.paths
     save_volume(registered, paths.reference, like=fixed, protect=inputs)
-    how = f"volume {moving_volume}" if isinstance(moving_volume, int) else f"the {moving_volume} over time"
+    how = (f"volume {moving_volume}" if isinstance(moving_volume, int) else
+           "the median of the motion-corrected volumes" if moving_volume == "realigned" else
+           f"the {moving_volume} over time")
     _write_json(paths.reference_sidecar, {
         "Description": f"Reference volume ({how}) of the moving image, resampled onto the {FIXED_SUFFIX} grid "
                        f"with the coregistration transform ({job.options.get('model', 'rigid')}, regkl).",
@@ -339,6 +398,32 @@ def _write_outputs(job: Job, fixed, registered, result, moving_volume, inputs) -
     save_transform(paths.transform, result.fixed2moving, "itk", protect=inputs)
     qc_thumbnail(fixed, registered, paths.figure, protect=inputs)
     return paths.reference, paths.reference_sidecar, paths.transform, paths.figure
+
+
+def _write_motion(job: Job, motion, like, inputs) -> tuple:
+    """Head-motion outputs (:class:`regkl.bids.MotionPaths`): confounds TSV and sidecar, per-volume
+    ITK transforms, the motion-corrected reference and its sidecar; the paths written. Runs inside
+    the pair's output group, so they appear together with the rest of its set or not at all."""
+    from .io import atomic_path, save_volume
+    from .motion import CONFOUND_DESCRIPTIONS, confounds_text
+    from .xfm import itk_series_text
+
+    paths = job.paths.motion
+    for path, text in ((paths.confounds, confounds_text(motion.params, motion.framewise_displacement)),
+                       (paths.xfm, itk_series_text(motion.ref2volume))):
+        with atomic_path(path, protect=inputs) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+    xfm_uri = bids_uri(job.rel_out(paths.xfm), "")
+    flagged = {str(t): f for t, f in enumerate(motion.flags) if f}
+    _write_json(paths.confounds_sidecar, {
+        **CONFOUND_DESCRIPTIONS, "Sources": [bids_uri(job.moving_rel), xfm_uri],
+        "NonSteadyStateVolumes": motion.n_non_steady, **({"FlaggedVolumes": flagged} if flagged else {})}, inputs)
+    save_volume(motion.boldref, paths.boldref, like=like, protect=inputs)
+    _write_json(paths.boldref_sidecar, {
+        "Description": f"Motion-corrected reference volume (regkl realign): {motion.boldref.note}, the first "
+                       f"{motion.n_non_steady} (non-steady-state) left out, realigned to {motion.reference.note}.",
+        "Sources": [bids_uri(job.moving_rel), xfm_uri]}, inputs)
+    return paths.all()
 
 
 # --------------------------------------------------------------------------------------------------

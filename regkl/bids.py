@@ -10,6 +10,14 @@ Names follow the BIDS derivatives specification and fMRIPrep's outputs. For a mo
     sub-01/func/sub-01_task-rest_run-1_from-boldref_to-T1w_mode-image_desc-coreg_xfm.json record
     sub-01/figures/sub-01_task-rest_run-1_desc-coreg_bold.png                          QC picture
 
+and, for a 4D BOLD series, its head-motion correction (fMRIPrep's names)::
+
+    sub-01/func/sub-01_task-rest_run-1_desc-confounds_timeseries.tsv                   motion parameters, FD
+    sub-01/func/sub-01_task-rest_run-1_desc-confounds_timeseries.json                  column descriptions
+    sub-01/func/sub-01_task-rest_run-1_from-orig_to-boldref_mode-image_desc-hmc_xfm.txt  per-volume ITK transforms
+    sub-01/func/sub-01_task-rest_run-1_desc-hmc_boldref.nii.gz                         motion-corrected reference
+    sub-01/func/sub-01_task-rest_run-1_desc-hmc_boldref.json                           its sidecar
+
 Every entity of the moving image's name is kept, so two inputs never share outputs: the input's
 own ``space`` and ``desc`` (which the outputs set themselves) are folded into the outputs' ``desc``
 label (``desc-preproc`` gives ``..._space-T1w_desc-preproc_boldref`` and ``..._desc-preprocCoreg_xfm``).
@@ -44,6 +52,12 @@ REFERENCE_SUFFIX = {"sbref": "sbref"}
 
 #: The fixed image's suffix in BIDS datasets (the space the outputs are in).
 FIXED_SUFFIX = "T1w"
+
+#: Moving suffixes whose 4D series get head-motion correction in a batch (:class:`MotionPaths`):
+#: BOLD, whose volumes share one contrast. Not dwi (volumes differ in b-value and direction: a
+#: same-contrast cost would mistake contrast for motion; eddy-current tools do that job), not epi
+#: (field maps: volumes differ in phase-encoding direction), and sbref is a single volume.
+HMC_SUFFIXES = ("bold",)
 
 #: Output names per layout: "bids" (BIDS datasets) or "plain" (plain folders, --moving-glob).
 LAYOUTS = ("bids", "plain")
@@ -130,6 +144,20 @@ def reference_suffix(suffix: str) -> str:
 
 
 @dataclass(frozen=True)
+class MotionPaths:
+    """The head-motion outputs of a 4D series (fMRIPrep's names in the BIDS layout)."""
+
+    confounds: Path  #: TSV: trans_x..rot_z, framewise_displacement (``desc-confounds_timeseries``)
+    confounds_sidecar: Path  #: its JSON sidecar: column descriptions, Sources
+    xfm: Path  #: ITK text file, one transform per volume (``from-orig_to-boldref_..._desc-hmc_xfm``)
+    boldref: Path  #: median of the realigned steady-state volumes, on the series' grid (``desc-hmc_boldref``)
+    boldref_sidecar: Path  #: its JSON sidecar (Sources)
+
+    def all(self) -> tuple:
+        return self.confounds, self.confounds_sidecar, self.xfm, self.boldref, self.boldref_sidecar
+
+
+@dataclass(frozen=True)
 class PairPaths:
     """Every output of one registered pair. The record is written last and marks the pair complete."""
 
@@ -138,13 +166,15 @@ class PairPaths:
     transform: Path  #: ITK text transform, fixed -> moving
     record: Path  #: the transform's JSON sidecar: Sources and regkl's record of the run
     figure: Path  #: QC picture (PNG)
+    motion: MotionPaths | None = None  #: head-motion outputs; None where the suffix gets none (HMC_SUFFIXES)
 
     def outputs(self) -> tuple:
-        """The files written before the record (which lists them)."""
+        """The coregistration files written before the record (which lists them)."""
         return self.reference, self.reference_sidecar, self.transform, self.figure
 
     def all(self) -> tuple:
-        return self.outputs() + (self.record,)
+        """Every file the pair may write (motion outputs only for a 4D series), the record last."""
+        return self.outputs() + (self.motion.all() if self.motion else ()) + (self.record,)
 
 
 def _bids_paths(moving_rel: Path, out_dir: Path) -> PairPaths:
@@ -162,15 +192,29 @@ def _bids_paths(moving_rel: Path, out_dir: Path) -> PairPaths:
     figure = derivative_path(moving_rel, out_dir, set_entities={
         **{k: v for k, v in folders.items() if source.get(k) is None}, "space": None, "desc": coreg},
         suffix=source.suffix, extension=".png", folder=Path(top) / "figures")
+    motion = None
+    if source.suffix in HMC_SUFFIXES:
+        bare = {"space": None}
+        confounds = derivative_path(moving_rel, out_dir, set_entities={**bare, "desc": desc_label(source, "confounds")},
+                                    suffix="timeseries", extension=".tsv")
+        hmc_xfm = derivative_path(moving_rel, out_dir, set_entities={
+            **bare, "from": "orig", "to": ref, "mode": "image", "desc": desc_label(source, "hmc")},
+            suffix="xfm", extension=".txt")
+        hmc_ref = derivative_path(moving_rel, out_dir, set_entities={**bare, "desc": desc_label(source, "hmc")},
+                                  suffix=ref, extension=".nii.gz")
+        motion = MotionPaths(confounds, confounds.with_suffix(".json"), hmc_xfm, hmc_ref,
+                             hmc_ref.with_name(NIFTI.sub(".json", hmc_ref.name)))
     return PairPaths(reference, reference.with_name(NIFTI.sub(".json", reference.name)), transform,
-                     transform.with_suffix(".json"), figure)
+                     transform.with_suffix(".json"), figure, motion)
 
 
 def _plain_paths(moving_rel: Path, out_dir: Path) -> PairPaths:
     stem = NIFTI.sub("", moving_rel.name)
     dest = out_dir / moving_rel.parent
+    motion = MotionPaths(dest / f"{stem}_confounds.tsv", dest / f"{stem}_confounds.json",
+                         dest / f"{stem}_hmc_xfm.txt", dest / f"{stem}_hmc_ref.nii.gz", dest / f"{stem}_hmc_ref.json")
     return PairPaths(dest / f"{stem}_coreg.nii.gz", dest / f"{stem}_coreg.json", dest / f"{stem}_xfm.txt",
-                     dest / f"{stem}_xfm.json", dest / f"{stem}_qc.png")
+                     dest / f"{stem}_xfm.json", dest / f"{stem}_qc.png", motion)
 
 
 _NAMERS = {"bids": _bids_paths, "plain": _plain_paths}
@@ -187,7 +231,8 @@ def pair_paths(moving_rel, out_dir, layout: str = "bids") -> PairPaths:
         The results folder.
     layout : {"bids", "plain"}
         BIDS-derivative names (see the module), or plain-folder names (``<stem>_coreg.nii.gz``,
-        ``<stem>_xfm.txt``, ``<stem>_qc.png``, ...).
+        ``<stem>_xfm.txt``, ``<stem>_qc.png``, ...; motion outputs ``<stem>_confounds.tsv``,
+        ``<stem>_hmc_xfm.txt``, ``<stem>_hmc_ref.nii.gz`` for any 4D series: the user chose the images).
 
     Raises
     ------

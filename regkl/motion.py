@@ -14,6 +14,19 @@ NON_STEADY_Z = 3.5
 NON_STEADY_WINDOW = 50
 #: Confound columns, fMRIPrep's names: translations in mm, rotations in radians.
 CONFOUND_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement")
+#: The confound columns as a BIDS tabular-file sidecar describes them (fMRIPrep's wording in spirit).
+CONFOUND_DESCRIPTIONS = {
+    **{f"trans_{a}": {"Description": f"Translation along the RAS+ {a} axis of the volume relative to the "
+                                     "reference (head-motion estimate)", "Units": "mm"} for a in "xyz"},
+    **{f"rot_{a}": {"Description": f"Rotation about the RAS+ {a} axis through the reference's centre "
+                                   "(matrix Rz Ry Rx) relative to the reference", "Units": "rad"} for a in "xyz"},
+    "framewise_displacement": {"Description": "Framewise displacement (Power et al. 2012): sum of the absolute "
+                                              "backward differences of the six parameters, rotations as arcs on a "
+                                              f"{FD_RADIUS_MM:g} mm sphere; n/a for the first volume", "Units": "mm"},
+}
+#: Framewise displacement (mm) above which a volume counts as a motion outlier (fMRIPrep's
+#: ``--fd-spike-threshold`` default).
+FD_OUTLIER_MM = 0.5
 
 
 def framewise_displacement(params: np.ndarray, radius_mm: float = FD_RADIUS_MM) -> np.ndarray:

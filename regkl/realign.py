@@ -506,6 +506,10 @@ def realigned_reference(path, *, threads: int = 1, log=None) -> Volume:
     volumes, _ = load_series(path)
     if len(volumes) < 2:
         return load_volume(path)
-    result = realign(volumes, threads=threads, log=log)
+    return described_boldref(realign(volumes, threads=threads, log=log))
+
+
+def described_boldref(result: RealignResult) -> Volume:
+    """``result.boldref`` with a note saying how it was made (for logs and sidecars)."""
     return result.boldref.with_data(result.boldref.data, note=f"boldref: {result.boldref.note} (realigned to "
                                     f"{result.reference.note}; {result.n_non_steady} non-steady-state left out)")

@@ -24,6 +24,7 @@ from typing import Callable
 from . import __version__
 from .bids import entities
 from .errors import InputError, RegklError
+from .motion import FD_OUTLIER_MM
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -138,6 +139,17 @@ def _cell_suspect(row, _):
     return ("yes", "1") if value else ("no", "0")
 
 
+def _cell_motion(row, _):
+    """Head motion of a 4D series: mean and max framewise displacement, flagged volumes; sorted by max FD."""
+    shown, key = _num(row.get("fd_max"), "{:.2f}")
+    if not key:
+        return '<span class="nopic">n/a</span>', ""
+    mean, _ = _num(row.get("fd_mean"), "{:.2f}")
+    n = row.get("motion_outliers") or 0
+    flagged = f"{n} volume{'s' * (n != 1)} flagged"
+    return (f'FD mean {mean}, max {shown} mm<br><span class="{"error" if n else "nopic"}">{flagged}</span>', key)
+
+
 def _cell_seconds(row, _):
     return _num(row.get("seconds"), "{:.1f}")
 
@@ -163,6 +175,8 @@ COLUMNS = (
     Column("metric", "num", _cell_metric, "metric after registration (hover for the value before)", "num"),
     Column("confidence", "num", _cell_confidence, "0 (suspect) .. 1", "num"),
     Column("suspect", "num", _cell_suspect),
+    Column("head motion", "num", _cell_motion, "framewise displacement (Power et al. 2012) of the 4D series, mm; "
+           f"flagged: FD above {FD_OUTLIER_MM:g} mm (fMRIPrep's outliers) or a constant volume; sorted by max FD"),
     Column("seconds", "num", _cell_seconds, "registration time", "num"),
 )
 
@@ -341,7 +355,7 @@ def write_report(rows, path, *, title: str = "regkl batch report", source: str =
 
 #: Row fields holding paths: inputs (relative to the dataset folder) and outputs (to the results folder).
 INPUT_FIELDS = ("moving", "fixed")
-OUTPUT_FIELDS = ("output", "transform", "qc", "record")
+OUTPUT_FIELDS = ("output", "transform", "qc", "record", "confounds")
 
 
 def report_rows(rows, results_dir, root) -> list:
@@ -415,8 +429,10 @@ def _is_number(value) -> bool:
 
 #: Summary fields with a type (others are free): name -> (what the message says, check).
 SUMMARY_FIELD_TYPES = {
-    **{key: ("a number", _is_number) for key in ("metric_before", "metric_after", "confidence", "seconds")},
+    **{key: ("a number", _is_number) for key in ("metric_before", "metric_after", "confidence", "seconds", "fd_mean",
+                                                  "fd_max", "motion_outliers")},
     "suspect": ("true/false", lambda v: isinstance(v, bool)),
     **{key: ("a text", lambda v: isinstance(v, str))
-       for key in ("subject", "session", "moving", "fixed", "output", "transform", "status", "metric", "error", "qc")},
+       for key in ("subject", "session", "moving", "fixed", "output", "transform", "status", "metric", "error", "qc",
+                   "confounds")},
 }

@@ -31,7 +31,8 @@ from .bids import bids_uri
 LOCK_NAME = ".regkl.lock"
 #: Columns of the summary (logs/regkl_summary.tsv); the JSON summary has the same fields per pair.
 SUMMARY_COLUMNS = ("subject", "session", "moving", "fixed", "output", "transform", "status", "metric",
-                   "metric_before", "metric_after", "confidence", "suspect", "seconds", "error", "qc", "record")
+                   "metric_before", "metric_after", "confidence", "suspect", "seconds", "error", "qc", "record",
+                   "confounds", "fd_mean", "fd_max", "motion_outliers")
 #: Where the summary goes, relative to the results folder (``regkl report`` also reads the old place).
 SUMMARY_NAME = "logs/regkl_summary"
 OLD_SUMMARY = "regkl_summary.json"

@@ -152,7 +152,9 @@ def test_every_input_gets_its_own_outputs(tmp_path):
     assert len(jobs) == len(names) + 2
     check_jobs(jobs)  # no collision
     every = [str(p) for j in jobs for p in j.paths.all()]
-    assert len(every) == len(set(every)) == 5 * len(jobs)
+    # 5 coregistration files per pair, and 5 head-motion files per bold series (issue 15)
+    n_bold = sum(j.moving_rel.endswith("_bold.nii.gz") for j in jobs)
+    assert len(every) == len(set(every)) == 5 * len(jobs) + 5 * n_bold
     assert pair_paths("sub-01/func/sub-01_task-rest_desc-preproc_bold.nii.gz", "o").transform.name == \
         "sub-01_task-rest_from-boldref_to-T1w_mode-image_desc-preprocCoreg_xfm.txt"
     (func / "sub-01_task-rest_bold.nii").write_bytes(b"x")  # same name but for .gz: a collision

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -61,7 +62,13 @@ class _Progress:
 @click.option("--sampling", default=0.5, show_default=True, type=SAMPLING)
 @click.option("--search", type=click.Choice(["none", "auto", "full"]), default="auto", show_default=True)
 @click.option("--auto-mask", is_flag=True, help="As for register.")
-@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(), help="4D reduction: mean, median or N.")
+@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(extra=("realigned",)),
+              help="4D reduction: mean, median, N, or realigned (the motion-corrected boldref; computed once with "
+                   "--hmc's outputs).")
+@click.option("--hmc/--no-hmc", default=True, show_default=True,
+              help="Head-motion correction of every 4D BOLD series (any 4D series with --moving-glob): writes "
+                   "..._desc-confounds_timeseries.tsv (+ .json), ..._from-orig_to-boldref_mode-image_desc-hmc_xfm.txt "
+                   "and ..._desc-hmc_boldref.nii.gz (+ .json).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--report", "report_out", type=click.Path(dir_okay=False),
@@ -71,14 +78,16 @@ class _Progress:
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (why a pair is redone is still said).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_scheduler, force, model, metric, prior,
-              bins, sampling, search, auto_mask, moving_volume, interp, seed, report_out, as_json, quiet, debug):
+              bins, sampling, search, auto_mask, moving_volume, hmc, interp, seed, report_out, as_json, quiet, debug):
     """Register every EPI of a BIDS dataset (or plain folder ROOT) to its subject's T1w.
 
     BIDS: sub-*/[ses-*/]func/*_bold.nii[.gz] (and --suffixes) onto the same subject's
     anat/*_T1w.nii[.gz], preferring the same session. Results go to ROOT/derivatives/regkl with
     fMRIPrep's BIDS-derivative names (..._space-T1w_boldref.nii.gz,
     ..._from-boldref_to-T1w_mode-image_desc-coreg_xfm.txt and their JSON sidecars,
-    sub-*/figures/..._desc-coreg_bold.png), a summary in logs/regkl_summary.tsv and .json and an
+    sub-*/figures/..._desc-coreg_bold.png), for a 4D BOLD series its head-motion correction
+    (--hmc: ..._desc-confounds_timeseries.tsv, ..._desc-hmc_xfm.txt, ..._desc-hmc_boldref.nii.gz),
+    a summary in logs/regkl_summary.tsv and .json and an
     HTML report (regkl_report.html: every pair with a QC picture, worst first). Pairs already
     complete with the same options and inputs are skipped (resumable; --force redoes them); a
     failing pair never stops the others; a second batch on the same results folder waits for the
@@ -109,7 +118,7 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     load_prior(metric, prior, bins)
     options = {"model": model, "metric": metric, "bins": bins, "sampling": sampling, "search": search,
                "auto_mask": auto_mask, "seed": seed, "moving_volume": volume_option(moving_volume),
-               "interp": interp}
+               "interp": interp, "hmc": hmc}
     if prior:
         options["prior"] = str(Path(prior).resolve())
     shaping = resume.shaping_options(options)
@@ -121,6 +130,9 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     if not jobs:
         raise InputError("found no images to register (BIDS: sub-*/[ses-*/]func/*_bold.nii[.gz]; "
                          "plain folders: --moving-glob/--fixed-glob)", path=root)
+    # --hmc shapes only the pairs that get motion outputs: changing it never redoes an sbref or dwi pair
+    jobs = [j if j.paths.motion else replace(j, shaping={k: v for k, v in j.shaping.items() if k != "hmc"})
+            for j in jobs]
     batch.check_jobs(jobs)
     inputs = sorted({str(p) for j in jobs for p in (j.moving, j.fixed) if p})
     results = [str(p) for j in jobs for p in j.paths.all()]
