@@ -279,6 +279,31 @@ def realigned_volumes(volumes, grid: Volume, ref2volume, *, interp: str = "linea
     return [resample(v, grid, m, interp=interp).data for v, m in zip(volumes, ref2volume)]
 
 
+#: Fewest finite voxels a volume needs to be realigned (as for registration, see regkl.io).
+MIN_FINITE_VOXELS = 512
+
+
+def _no_data_as_background(volumes, log):
+    """(volumes, usable): NaN/Inf voxels (no data, e.g. SPM's background) set to 0, the background
+    of a BOLD series, so that the same-modality costs stay finite; a volume is usable when it keeps at
+    least :data:`MIN_FINITE_VOXELS` finite voxels and is not constant. Warns once, with the count."""
+    import warnings
+
+    out, usable, n_bad = [], [], 0
+    for v in volumes:
+        finite = np.isfinite(v.data)
+        n_finite = int(np.count_nonzero(finite))
+        if n_finite < v.data.size:
+            n_bad += v.data.size - n_finite
+            v = v.with_data(np.where(finite, v.data, np.float32(0.0)).astype(np.float32))
+        usable.append(n_finite >= MIN_FINITE_VOXELS and float(v.data.max()) > float(v.data.min()))
+        out.append(v)
+    if n_bad:
+        warnings.warn(f"{volumes[0].name}: {n_bad} NaN/infinite voxels in the series are no data: taken as "
+                      "background (0) for realignment", stacklevel=3)
+    return out, usable
+
+
 def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = False, sampling: float = 0.25,
             levels: int | None = None, finest_fwhm_vox: float = FINEST_FWHM_VOX, seed: int = 0,
             max_iter: int = 100, threads: int = 1, log=None) -> RealignResult:
@@ -339,9 +364,9 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
     grid = volumes[0]
     if any(v.shape != grid.shape or not np.allclose(v.vox2ras, grid.vox2ras) for v in volumes):
         raise InputError("the volumes of the series are not on one grid", path=grid.name)
-    usable = [float(v.data.max()) > float(v.data.min()) for v in volumes]
+    volumes, usable = _no_data_as_background(volumes, log)
     if not any(usable):
-        raise InputError("every volume of the series is constant (empty or not-a-number)", path=grid.name)
+        raise InputError("every volume of the series is constant or has (almost) no finite voxel", path=grid.name)
     flags = ["" if ok else "empty" for ok in usable]
 
     n_skip = non_steady_volumes(np.array([float(np.mean(v.data, dtype=np.float64)) for v in volumes]))
