@@ -171,11 +171,12 @@ def smooth_variance(data: np.ndarray, var_vox) -> np.ndarray:
 
 def sample_grid(level: Volume, fraction: float, rng: np.random.Generator, jitter: float = 0.5,
                 max_points: int | None = None):
-    """Stratified sample points with seeded jitter over a (downsampled) fixed image.
+    """Random sample points with seeded jitter over a (downsampled) fixed image.
 
-    The voxels, in storage order, are cut into ``n`` equal runs and one voxel is drawn at random
-    from each run (stratified sampling: every part of the grid gets its share, and the cost is
-    proportional to ``n``, not to the number of voxels); each point then moves by a uniform jitter.
+    ``n`` distinct voxels are drawn at random (seeded; NumPy draws a small subset in time
+    proportional to ``n``, not to the number of voxels) and each point then moves by a uniform
+    jitter. (Stratified runs in storage order were tried: on the flat real b0/T2w pair they made
+    the confidence's restarts settle up to 8 mm apart, against 1-2 mm with random points.)
 
     Parameters
     ----------
@@ -204,8 +205,7 @@ def sample_grid(level: Volume, fraction: float, rng: np.random.Generator, jitter
     if max_points is not None:
         n = max(1, min(n, int(max_points)))
     if n < total:
-        flat = ((np.arange(n) + rng.random(n)) * (total / n)).astype(np.int64)
-        np.minimum(flat, total - 1, out=flat)
+        flat = np.sort(rng.choice(total, size=n, replace=False))
     else:
         flat = np.arange(total)
     idx = np.stack(np.unravel_index(flat, level.shape), axis=1).astype(np.float64)
