@@ -19,7 +19,7 @@ from . import histogram, masks, moments, pyramid
 from .errors import InputError, RegistrationError
 from .metrics import get_metric
 from .motion import framewise_displacement, non_steady_volumes
-from .optimize import NO_OVERLAP_VALUE, MIN_OVERLAP, STEP_TOL, _lbfgs, _Objective
+from .objective import NO_OVERLAP_VALUE, MIN_OVERLAP, STEP_TOL, _lbfgs, _Objective
 from .resample import resample
 from .transforms import get_model
 from .volume import Volume

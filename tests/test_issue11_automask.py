@@ -120,7 +120,8 @@ def test_json_reports_metric_change_per_level_and_overall(tmp_path, capsys, temp
 def test_confidence_flags_a_metric_that_fell(template, brain):
     """The same converged solution is flagged when its metric ended lower than the start, not otherwise."""
     from regkl.confidence import assess
-    from regkl.optimize import MetricProbe, _Objective, _refine
+    from regkl.objective import _Objective, _refine
+    from regkl.probe import MetricProbe
     from regkl.transforms import get_model
 
     fixed = synthetic.make_t1(template, voxel_mm=4.0)
