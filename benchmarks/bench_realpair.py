@@ -91,7 +91,7 @@ class Mattes:
     def __init__(self, b0, t2, mask=None):
         import SimpleITK as sitk
 
-        from regkl.io import array_to_sitk
+        from regkl.sitk_images import array_to_sitk
 
         self.sitk = sitk
         self.moving = sitk.Cast(array_to_sitk(b0.data, b0.vox2ras), sitk.sitkFloat32)

@@ -158,7 +158,7 @@ def plot_profile(profile: Profile, path, *, title: str = "", protect=()) -> Path
 
     The PNG is written atomically.
     """
-    from .io import atomic_path
+    from .outputs import atomic_path
     from .qc import printable, pyplot
 
     plt = pyplot()

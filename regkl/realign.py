@@ -430,7 +430,8 @@ def write_outputs(result: RealignResult, volumes, *, confounds=None, xfm=None, b
     protect : iterable of paths
         Inputs never to overwrite.
     """
-    from .io import atomic_path, output_group, save_array, save_volume
+    from .outputs import atomic_path, output_group
+    from .writers import save_array, save_volume
     from .motion import confounds_text, motion_figure, par_text
     from .xfm import itk_series_text
 

@@ -12,7 +12,7 @@ import pytest
 
 from regkl import masks, synthetic
 from regkl.cli import main
-from regkl.io import save_volume
+from regkl.writers import save_volume
 from regkl.optimize import register
 from regkl.pyramid import downsample
 from regkl.transforms import rms_displacement

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from regkl.optimize import register
-
 from regkl.probe import learn_prior
 
 from .conftest import MNI, need
