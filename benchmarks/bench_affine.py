@@ -14,7 +14,7 @@ Diagnostic columns (they tell an optimiser failure from a metric whose optimum i
 * ``scale%``: the singular values of the linear part of ``inv(truth) @ result`` minus 1, in percent
   (the residual scaling; a rigid residual has 0);
 * ``dM``: metric at the result minus metric at the truth, both at the finest level with every fixed
-  voxel (:func:`regkl.optimize.evaluate_metric`). ``dM > 0`` means the metric itself prefers the
+  voxel (:func:`regkl.probe.evaluate_metric`). ``dM > 0`` means the metric itself prefers the
   result to the truth, i.e. the error is a bias of the metric on these images, not a failure to
   converge;
 * with ``--from-truth``, the registration is repeated starting AT the truth (``search='none'``).
@@ -35,7 +35,8 @@ import time
 import numpy as np
 
 from regkl import synthetic
-from regkl.optimize import evaluate_metric, register
+from regkl.optimize import register
+from regkl.probe import evaluate_metric
 
 METRICS = ("mi", "nmi", "cr", "jsd")
 OK_MM = 0.5

@@ -21,8 +21,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from regkl.io import load_volume, save_volume  # noqa: E402
+from regkl.io import load_volume  # noqa: E402
 from regkl.pyramid import downsample  # noqa: E402
+from regkl.writers import save_volume  # noqa: E402
 from regkl.xfm import load_transform  # noqa: E402
 
 

@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from regkl import synthetic as syn  # noqa: E402
 from regkl.io import load_volume  # noqa: E402
-from regkl.optimize import MetricProbe, register  # noqa: E402
+from regkl.optimize import register  # noqa: E402
+from regkl.probe import MetricProbe  # noqa: E402
 from regkl.resample import resample  # noqa: E402
 from regkl.transforms import rms_displacement  # noqa: E402
 from regkl.volume import Volume  # noqa: E402
@@ -90,7 +91,7 @@ class Mattes:
     def __init__(self, b0, t2, mask=None):
         import SimpleITK as sitk
 
-        from regkl.io import array_to_sitk
+        from regkl.sitk_images import array_to_sitk
 
         self.sitk = sitk
         self.moving = sitk.Cast(array_to_sitk(b0.data, b0.vox2ras), sitk.sitkFloat32)

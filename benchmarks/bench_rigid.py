@@ -40,7 +40,9 @@ import regkl  # noqa: F401  (first: sets OPENBLAS_NUM_THREADS=1 / OMP_WAIT_POLIC
 import numpy as np
 
 from regkl import synthetic
-from regkl.io import LPS_RAS, array_to_sitk, load_volume, save_volume
+from regkl.io import load_volume
+from regkl.sitk_images import LPS_RAS, array_to_sitk
+from regkl.writers import save_volume
 from regkl.optimize import register
 from regkl.volume import Volume
 from regkl.xfm import load_transform, lps_to_ras, read_itk

@@ -34,7 +34,8 @@ import regkl  # noqa: F401  (first: regkl's thread settings apply before numpy l
 import numpy as np
 
 from regkl import synthetic
-from regkl.io import load_volume, save_volume
+from regkl.io import load_volume
+from regkl.writers import save_volume
 from regkl.volume import Volume
 from regkl.xfm import load_transform
 

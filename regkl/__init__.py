@@ -33,7 +33,7 @@ from .volume import Volume  # noqa: E402,F401
 #: Public functions, imported from their modules on first access (PEP 562): name -> (module, attribute).
 _LAZY = {
     "register": ("optimize", "register"),
-    "evaluate_metric": ("optimize", "evaluate_metric"),
+    "evaluate_metric": ("probe", "evaluate_metric"),
     "apply": ("resample", "resample"),
     "load_volume": ("io", "load_volume"),
     "load_transform": ("xfm", "load_transform"),

@@ -290,7 +290,8 @@ def run_job(job: Job, threads: int | None = None) -> dict:
     paths = job.paths
     try:
         from . import resume
-        from .io import load_volume, output_group
+        from .io import load_volume
+        from .outputs import output_group
         from .optimize import register
         from .resample import resample
 
@@ -373,7 +374,7 @@ def _input_fingerprint(path) -> dict:
 
 
 def _write_json(path, data, protect):
-    from .io import atomic_path
+    from .outputs import atomic_path
 
     with atomic_path(path, protect=protect) as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -381,7 +382,7 @@ def _write_json(path, data, protect):
 
 def _write_outputs(job: Job, fixed, registered, result, moving_volume, inputs) -> tuple:
     """Reference volume and sidecar, transform, QC picture; the paths written."""
-    from .io import save_volume
+    from .writers import save_volume
     from .qc import qc_thumbnail
     from .xfm import save_transform
 

@@ -216,7 +216,7 @@ def assess(fine, params, centre, refine, *, settled_step_mm=None, workers=None, 
 
     Parameters
     ----------
-    fine : regkl.optimize._Objective
+    fine : regkl.objective._Objective
         Objective of the RIGID model at the finest level.
     params : ndarray (6,)
         Rigid parameters of the solution (for non-rigid models, the closest rigid pose).

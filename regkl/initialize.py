@@ -151,7 +151,7 @@ def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str 
 
     Parameters
     ----------
-    coarse, finer : regkl.optimize._Objective
+    coarse, finer : regkl.objective._Objective
         Objectives of the rigid model at the coarsest and next level (``finer`` may be ``coarse``);
         ``coarse.metrics_at`` scores the grid of poses in one batch.
     start_params : ndarray (6,)

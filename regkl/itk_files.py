@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io import itk_reason, quiet_native_stderr
+from .quiet import quiet_native_stderr
+from .sitk_images import itk_reason
 
 ITK_MAGIC = "#Insight Transform File"
 

@@ -1,7 +1,7 @@
 """The cost landscape around a pose: the metric along each rigid parameter, for debugging hard cases.
 
 Around a transform ``M`` (fixed->moving, any linear model) the metric is evaluated, at the
-registration's finest level (:class:`regkl.optimize.MetricProbe`), at ``P(d) @ M`` where ``P(d)``
+registration's finest level (:class:`regkl.probe.MetricProbe`), at ``P(d) @ M`` where ``P(d)``
 is a rigid motion of the moving image's world by one parameter ``d`` at a time: a rotation about
 an axis parallel to R, A or S through the centre (the fixed image's centre of mass, as the
 registration uses it, mapped by ``M``), or a shift along R, A or S. ``d = 0`` is ``M`` itself, for
@@ -124,7 +124,7 @@ def profile_metric(moving: Volume, fixed: Volume, fixed2moving: np.ndarray, *, m
     Profile
     """
     from . import masks, pyramid
-    from .optimize import MetricProbe
+    from .probe import MetricProbe
 
     check_settings(range_deg, range_mm, steps)
     t0 = time.perf_counter()
@@ -158,7 +158,7 @@ def plot_profile(profile: Profile, path, *, title: str = "", protect=()) -> Path
 
     The PNG is written atomically.
     """
-    from .io import atomic_path
+    from .outputs import atomic_path
     from .qc import printable, pyplot
 
     plt = pyplot()

@@ -367,7 +367,7 @@ def save_prior(path, prior, *, bins, meta: dict) -> None:
     -----
     Keys: ``prior`` float64 (F, M), ``bins`` int64 (2,), ``meta_json`` str.
     """
-    from .io import atomic_path
+    from .outputs import atomic_path
 
     arr = np.asarray(prior, dtype=np.float64)
     if arr.ndim != 2:

@@ -103,7 +103,7 @@ def par_text(params: np.ndarray) -> str:
 
 
 def _write_text(path, text, protect):
-    from .io import atomic_path
+    from .outputs import atomic_path
 
     with atomic_path(path, protect=protect) as tmp:
         tmp.write_text(text)
@@ -114,7 +114,7 @@ def motion_figure(params: np.ndarray, fd: np.ndarray, path, *, title: str = "", 
 
     Flagged volumes (``flags[t]`` non-empty) are marked on every panel.
     """
-    from .io import atomic_path
+    from .outputs import atomic_path
     from .qc import pyplot
 
     plt = pyplot()

@@ -87,7 +87,7 @@ def _save_png(fig, plt, path, dpi, protect=()) -> bytes:
     plt.close(fig)
     png = buf.getvalue()
     if path is not None:
-        from .io import atomic_path
+        from .outputs import atomic_path
 
         with atomic_path(path, protect=protect) as tmp:
             Path(tmp).write_bytes(png)

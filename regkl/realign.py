@@ -19,7 +19,7 @@ from . import histogram, masks, moments, pyramid
 from .errors import InputError, RegistrationError
 from .metrics import get_metric
 from .motion import framewise_displacement, non_steady_volumes
-from .optimize import NO_OVERLAP_VALUE, MIN_OVERLAP, STEP_TOL, _lbfgs, _Objective
+from .objective import NO_OVERLAP_VALUE, MIN_OVERLAP, STEP_TOL, _lbfgs, _Objective
 from .resample import resample
 from .transforms import get_model
 from .volume import Volume
@@ -455,7 +455,8 @@ def write_outputs(result: RealignResult, volumes, *, confounds=None, xfm=None, b
     protect : iterable of paths
         Inputs never to overwrite.
     """
-    from .io import atomic_path, output_group, save_array, save_volume
+    from .outputs import atomic_path, output_group
+    from .writers import save_array, save_volume
     from .motion import confounds_text, motion_figure, par_text
     from .xfm import itk_series_text
 

@@ -343,7 +343,7 @@ def render(rows, *, title: str = "regkl batch report", source: str = "", picture
 
 def write_report(rows, path, *, title: str = "regkl batch report", source: str = "", protect=()) -> Path:
     """Write :func:`render`'s page to ``path`` (atomically); returns the path."""
-    from .io import atomic_path
+    from .outputs import atomic_path
 
     page = render(rows, title=title, source=source)
     with atomic_path(path, protect=protect) as tmp:

@@ -74,7 +74,7 @@ def shaping_options(options: dict) -> dict:
 
 def write_record(job, row: dict, result, inputs: dict, written, *, protect=()) -> None:
     """Write the pair's record (atomically; last, as it marks the pair complete)."""
-    from .io import atomic_path
+    from .outputs import atomic_path
 
     record = {
         "Description": f"{job.options.get('model', 'rigid')} coregistration by regkl {__version__}: ITK text "
@@ -243,7 +243,7 @@ def dataset_root(results_dir) -> Path:
 
 
 def _write_text(path, text):
-    from .io import atomic_path
+    from .outputs import atomic_path
 
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
@@ -266,7 +266,7 @@ def write_summary(rows, out_dir, *, protect=()) -> tuple:
         return f"{v:.6g}" if isinstance(v, float) else str(v).replace("\t", " ").replace("\n", " ")
 
     lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(cell(r.get(c)) for c in SUMMARY_COLUMNS) for r in rows]
-    from .io import atomic_path
+    from .outputs import atomic_path
 
     with atomic_path(tsv, protect=protect) as tmp:  # a file name that is not UTF-8 keeps its bytes
         Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")

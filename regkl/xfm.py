@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, OutputError
-from .io import LPS_RAS, atomic_path
+from .outputs import atomic_path
+from .sitk_images import LPS_RAS
 from .itk_files import ITK_MAGIC, itk_text, read_itk_lps
 
 #: Transform files larger than this are refused (a linear transform file is a few kB; a larger
@@ -458,7 +459,7 @@ def save_transform(path, fixed2moving: np.ndarray, fmt: str | None = None, *, fi
     """Write a RAS fixed->moving matrix as ``fmt`` (default: by suffix, see :func:`output_format`).
 
     ``fixed`` and ``moving`` (Volumes) are needed for FSL and AFNI files and give LTA files their
-    geometry. The file appears atomically (see :func:`regkl.io.atomic_path`).
+    geometry. The file appears atomically (see :func:`regkl.outputs.atomic_path`).
     """
     fmt = output_format(path, fmt)
     m = check_transform_matrix(fixed2moving, what="fixed2moving")

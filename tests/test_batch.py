@@ -30,7 +30,8 @@ def _sample():
 @pytest.fixture(scope="module")
 def small_sample(tmp_path_factory):
     """The sample pair with the T1 at 2 mm, so batch mechanics tests run fast."""
-    from regkl.io import load_volume, save_volume
+    from regkl.io import load_volume
+    from regkl.writers import save_volume
     from regkl.pyramid import downsample
 
     bold, t1 = _sample()

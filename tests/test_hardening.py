@@ -25,10 +25,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import regkl.io
+import regkl.nifti_read
+import regkl.outputs
+import regkl.writers
 from regkl.cli import main
 from regkl.errors import InputError, OutputError
-from regkl.io import TEMP_PATTERN, atomic_path, load_series, load_volume, output_group, stale_temp_files
+from regkl.io import load_series, load_volume
+from regkl.outputs import TEMP_PATTERN, atomic_path, output_group, stale_temp_files
 
 from .conftest import write_dicom_series
 
@@ -187,7 +190,7 @@ def _unreadable_open(d, mp):
         if Path(f) == p:
             raise PermissionError(errno.EACCES, "Permission denied", str(f))
         return open(f, *a, **k)
-    mp.setattr(regkl.io, "open", fake_open, raising=False)
+    mp.setattr(regkl.nifti_read, "open", fake_open, raising=False)
     return p
 
 
@@ -213,7 +216,7 @@ def _io_error(d, mp):
         def __exit__(self, *a):
             self.f.close()
 
-    mp.setattr(regkl.io, "open", lambda f, *a, **k: Broken(f) if Path(f) == p else open(f, *a, **k),
+    mp.setattr(regkl.nifti_read, "open", lambda f, *a, **k: Broken(f) if Path(f) == p else open(f, *a, **k),
                raising=False)
     return p
 
@@ -582,7 +585,7 @@ def _disk_full_gzip(mp, folder):
         with open(path, "wb") as fh:
             fh.write(b"\x1f\x8b" + bytes(1000))  # a partial file, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
-    mp.setattr(regkl.io, "write_gzip_parallel", fake)
+    mp.setattr(regkl.writers, "write_gzip_parallel", fake)
 
 
 def _disk_full_nii(mp, folder):
@@ -613,7 +616,7 @@ def _read_only_fs(mp, folder):
 
     def fake(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
-    mp.setattr(regkl.io, "tempfile", types.SimpleNamespace(mkstemp=fake))
+    mp.setattr(regkl.outputs, "tempfile", types.SimpleNamespace(mkstemp=fake))
 
 
 def _sitk_write_fails(mp, folder):
@@ -969,7 +972,7 @@ def test_reader_matches_nibabel_on_valid_files(tmp_path):
 
 
 def test_dicom_folder_still_reads(tmp_path):
-    from regkl.io import array_to_sitk
+    from regkl.sitk_images import array_to_sitk
 
     img = array_to_sitk((blob() * 10).astype(np.int16), AFF)
     folder = write_dicom_series(img, tmp_path / "dicom", orientation="1\\0\\0\\0\\1\\0")
@@ -991,7 +994,7 @@ def test_memory_figure_and_override(tmp_path, monkeypatch):
 
 
 def test_memory_estimate_and_available_memory():
-    from regkl.io import available_memory, memory_needed
+    from regkl.memory import available_memory, memory_needed
 
     assert memory_needed((100, 100, 100), 2) == 100 ** 3 * (2 + 4 + 16)
     assert memory_needed((100, 100, 100), 2, compressed=True, scaled=True) == 100 ** 3 * (4 + 8 + 16)
@@ -1075,15 +1078,15 @@ def test_register_outputs_all_or_nothing(good, out, capfd, monkeypatch):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
-    import regkl.io
-    real = regkl.io.write_gzip_parallel
+    import regkl.writers
+    real = regkl.writers.write_gzip_parallel
     def slow(raw, path, **kw):
         with open(path, "wb") as fh:
             fh.write(raw[: len(raw) // 3])
             fh.flush()
             open(sys.argv[-1], "w").close()  # tell the test we are mid-write
             time.sleep(60)
-    regkl.io.write_gzip_parallel = slow
+    regkl.writers.write_gzip_parallel = slow
     from regkl.cli import main
     main(sys.argv[1:-1])
 """)

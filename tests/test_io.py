@@ -6,7 +6,9 @@ import pytest
 import SimpleITK as sitk
 
 from regkl.errors import InputError
-from regkl.io import array_to_sitk, load_volume, save_volume, sitk_to_array
+from regkl.io import load_volume
+from regkl.sitk_images import array_to_sitk, sitk_to_array
+from regkl.writers import save_volume
 from regkl.volume import Volume
 
 from .conftest import write_dicom_series

@@ -12,7 +12,7 @@ import pytest
 
 from regkl import masks, synthetic
 from regkl.cli import main
-from regkl.io import save_volume
+from regkl.writers import save_volume
 from regkl.optimize import register
 from regkl.pyramid import downsample
 from regkl.transforms import rms_displacement
@@ -120,7 +120,8 @@ def test_json_reports_metric_change_per_level_and_overall(tmp_path, capsys, temp
 def test_confidence_flags_a_metric_that_fell(template, brain):
     """The same converged solution is flagged when its metric ended lower than the start, not otherwise."""
     from regkl.confidence import assess
-    from regkl.optimize import MetricProbe, _Objective, _refine
+    from regkl.objective import _Objective, _refine
+    from regkl.probe import MetricProbe
     from regkl.transforms import get_model
 
     fixed = synthetic.make_t1(template, voxel_mm=4.0)

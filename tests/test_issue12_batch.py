@@ -44,7 +44,8 @@ def start(*args):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The sample pair at 6 mm (T1 32x38x31, EPI 30x36x32): batch mechanics, not accuracy."""
-    from regkl.io import load_volume, save_volume
+    from regkl.io import load_volume
+    from regkl.writers import save_volume
     from regkl.pyramid import downsample
 
     if not (SAMPLE / "sub-01_bold.nii.gz").exists():

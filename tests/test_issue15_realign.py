@@ -237,7 +237,7 @@ def test_register_moving_volume_realigned(small_series, template, tmp_path, capf
     import json
 
     from regkl import synthetic
-    from regkl.io import save_volume
+    from regkl.writers import save_volume
 
     series = _save_series(small_series[0][:8], tmp_path / "bold.nii.gz")
     t1 = tmp_path / "t1.nii.gz"

@@ -7,7 +7,7 @@ from scipy import ndimage
 from regkl import histogram, kernels
 from regkl.errors import KernelInputError
 from regkl.metrics import mutual_information
-from regkl.optimize import _Objective
+from regkl.objective import _Objective
 from regkl.transforms import get_model
 from regkl.volume import Volume
 

@@ -16,7 +16,8 @@ expected failure until the claim is re-measured or withdrawn.
 import numpy as np
 import pytest
 
-from regkl.optimize import learn_prior, register
+from regkl.optimize import register
+from regkl.probe import learn_prior
 
 from .conftest import MNI, need
 

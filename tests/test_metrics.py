@@ -14,7 +14,7 @@ from scipy.stats import entropy
 from regkl import histogram
 from regkl import metrics as M
 from regkl.errors import InputError, OutputError
-from regkl.optimize import _Objective
+from regkl.objective import _Objective
 from regkl.transforms import get_model
 from regkl.volume import Volume
 

@@ -47,7 +47,7 @@ def test_profile_peaks_at_the_true_pose(truth, tmp_path, capsys):
     doc = json.loads(out)  # nothing but the JSON on stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
     from regkl.io import load_volume
-    from regkl.optimize import evaluate_metric
+    from regkl.probe import evaluate_metric
 
     expected = evaluate_metric(load_volume(BOLD), load_volume(T1), truth)[0]
     assert doc["at_pose"] == pytest.approx(expected, abs=1e-8)  # JSON values have 8 decimals
@@ -71,7 +71,7 @@ def test_profile_finds_a_known_10mm_shift(truth, tmp_path, capsys):
     assert shift_x["best"] == pytest.approx(-10.0, abs=STEP["mm"])  # back by 10 mm along R
     # the point 10 mm back along R is the true pose itself: its value is the metric at the truth
     from regkl.io import load_volume
-    from regkl.optimize import evaluate_metric
+    from regkl.probe import evaluate_metric
 
     at_truth = evaluate_metric(load_volume(BOLD), load_volume(T1), truth)[0]
     j = int(np.argmin(np.abs(np.array(shift_x["offsets"]) + 10.0)))
@@ -113,7 +113,7 @@ def test_affine_pose_is_profiled_as_is(truth):
     """Offset 0 of every curve is the given affine transform itself, not its closest rigid pose."""
     from regkl.io import load_volume
     from regkl.landscape import profile_metric
-    from regkl.optimize import evaluate_metric
+    from regkl.probe import evaluate_metric
 
     moving, fixed = load_volume(BOLD), load_volume(T1)
     affine = truth.copy()

@@ -97,7 +97,7 @@ def test_finest_level_reads_the_unsmoothed_fixed_image_for_cr_only():
     fixed image itself at the same sample points; every other metric and every coarser level keeps the
     level's smoothed copy."""
     from regkl.metrics import NATIVE_FIXED_METRICS
-    from regkl.optimize import _build_levels
+    from regkl.levels import _build_levels
     from regkl.pyramid import values_at
 
     assert NATIVE_FIXED_METRICS == {"cr"}

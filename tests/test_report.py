@@ -295,7 +295,8 @@ def test_synthetic_report_in_chromium_sorts_every_column_kind(chromium, tmp_path
 @pytest.fixture(scope="module")
 def batch_with_report(tmp_path_factory):
     """A real batch: two good pairs (T1 at 2 mm, for speed) and one that fails; its output folder."""
-    from regkl.io import load_volume, save_volume
+    from regkl.io import load_volume
+    from regkl.writers import save_volume
     from regkl.pyramid import downsample
 
     bold, t1 = _sample()

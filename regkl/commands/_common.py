@@ -241,7 +241,7 @@ def check_picture_output(path):
 def check_output(path, inputs):
     """Refuse, before any work, an output that would overwrite an input or cannot be written."""
     from ..errors import OutputError
-    from ..io import check_output_path
+    from ..outputs import check_output_path
 
     if path is None or path == "-":
         return

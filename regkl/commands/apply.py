@@ -41,7 +41,8 @@ def apply_cmd(transform, moving, reference, output, interp, fill, inverse, fmt, 
       regkl apply bold2T1w.tfm sub-01_bold.nii.gz sub-01_T1w.nii.gz -o bold_in_T1w.nii.gz
       regkl apply bold2T1w.tfm aparc_T1w.nii.gz bold_ref.nii.gz --inverse --interp nearest -o aparc_in_bold.nii.gz
     """
-    from ..io import check_image_output, load_volume, open_series, save_volume, series_writer
+    from ..io import load_volume, open_series
+    from ..writers import check_image_output, save_volume, series_writer
     from ..resample import resample_series
     from ..xfm import read_transform
 
@@ -114,7 +115,7 @@ def _check_room(volumes, ref, dtype, output):
     import shutil
 
     from ..errors import InputError, OutputError
-    from ..io import _gib, available_memory
+    from ..memory import _gib, available_memory
 
     n3 = math.prod(ref.shape)
     need = n3 * (4 * 3 + dtype.itemsize * 2) + (64 << 20)  # resampled, F-order and typed copies; gzip chunks

@@ -102,7 +102,7 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     from .. import batch, resume
     from ..bids import ignore_patterns
     from ..errors import InputError
-    from ..io import stale_temp_files
+    from ..outputs import stale_temp_files
     from ..report import report_rows, write_report
 
     from ..numba_cache import ensure_usable

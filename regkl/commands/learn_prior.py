@@ -34,7 +34,7 @@ def learn_prior_cmd(pairs, output, bins, moving_volume, fmt, as_json, quiet, deb
     from ..errors import InputError
     from ..io import load_volume
     from ..metrics import save_prior
-    from ..optimize import learn_prior
+    from ..probe import learn_prior
     from ..xfm import read_transform
 
     say = log(quiet)

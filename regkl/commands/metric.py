@@ -28,7 +28,7 @@ def metric_cmd(moving, fixed, metric_list, transform, fmt, prior, bins, moving_v
     Prints one line per metric: NAME VALUE (and the overlap fraction), or JSON with --json.
     """
     from ..io import load_volume
-    from ..optimize import evaluate_metric
+    from ..probe import evaluate_metric
     from ..xfm import read_transform
 
     names = metric_list.split(",")  # checked against the registry by the option type

@@ -83,7 +83,7 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
                           ("auto", "mean", "median") else ())
     for out in (output, confounds, xfm, boldref, par, qc_out):
         check_output(out, inputs)
-    from ..io import check_image_output
+    from ..writers import check_image_output
 
     for out, ndim in ((output, 4), (boldref, 3)):
         if out:

@@ -109,7 +109,8 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     FSL, AFNI or LTA) and/or regkl's RAS matrix (--matrix-out). Without --json, the 4x4 RAS
     fixed->moving matrix is printed on stdout.
     """
-    from ..io import load_volume, save_volume
+    from ..io import load_volume
+    from ..writers import save_volume
     from ..optimize import MAX_POINTS, register as run_register
     from ..resample import resample
     from ..xfm import output_format, read_transform, save_transform, transform_text
@@ -136,7 +137,7 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
         output_format(matrix_out, "ras", option="--matrix-out")
     start = None if init_transform is None else read_transform(init_transform, init_fmt, option="--init-format")
     if output:
-        from ..io import check_image_output
+        from ..writers import check_image_output
 
         check_image_output(output, protect=inputs)
     if qc_out:
@@ -168,7 +169,7 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
                               search=search, fixed_mask=fixed_mask_vol, moving_mask=moving_mask_vol,
                               auto_mask=auto_mask, seed=seed, max_iter=max_iter, max_seconds=max_seconds,
                               confidence=confidence or fail_on_suspect, log=say)
-    from ..io import output_group
+    from ..outputs import output_group
 
     printed = False
     with output_group():  # all outputs or none
