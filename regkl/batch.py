@@ -271,7 +271,7 @@ def _row(job: Job, status: str, seconds: float, error: str = "", result=None, wr
 def run_job(job: Job, threads: int | None = None) -> dict:
     """Register one pair and write its outputs; returns a summary row, never raises.
 
-    Every output but the record is written in one :func:`regkl.io.output_group` (all or none);
+    Every output but the record is written in one :func:`regkl.outputs.output_group` (all or none);
     the record (:func:`regkl.resume.write_record`) comes last and marks the pair complete. An
     input that changes while the pair runs fails the pair; a failed pair leaves none of its outputs.
     Outputs of an earlier run that this run does not write (motion outputs after ``hmc`` was
@@ -405,7 +405,8 @@ def _write_motion(job: Job, motion, like, inputs) -> tuple:
     """Head-motion outputs (:class:`regkl.bids.MotionPaths`): confounds TSV and sidecar, per-volume
     ITK transforms, the motion-corrected reference and its sidecar; the paths written. Runs inside
     the pair's output group, so they appear together with the rest of its set or not at all."""
-    from .io import atomic_path, save_volume
+    from .outputs import atomic_path
+    from .writers import save_volume
     from .motion import CONFOUND_DESCRIPTIONS, confounds_text
     from .xfm import itk_series_text
 

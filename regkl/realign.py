@@ -37,7 +37,7 @@ FINEST_FWHM_VOX = 1.5
 #: coarsest levels then use all their points).
 MIN_POINTS = 4000
 #: Coarser levels end once the pose settles to this fraction of their spacing (the finest level
-#: refines it to :data:`regkl.optimize.STEP_TOL`).
+#: refines it to :data:`regkl.objective.STEP_TOL`).
 COARSE_STEP_TOL = 0.01
 #: A coarser level is kept only if it is at least this many times coarser than the finest.
 COARSER = 1.2
@@ -95,7 +95,7 @@ class RealignResult:
 
 class _MomentObjective:
     """Negative same-modality cost and gradient in scaled optimiser units (the interface of
-    :class:`regkl.optimize._Objective`, so :func:`regkl.optimize._lbfgs` runs it unchanged)."""
+    :class:`regkl.objective._Objective`, so :func:`regkl.objective._lbfgs` runs it unchanged)."""
 
     def __init__(self, samples, moving, cost, model, centre, scales, tol_mm):
         self.samples = samples
@@ -431,7 +431,7 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
 
 def write_outputs(result: RealignResult, volumes, *, confounds=None, xfm=None, boldref=None, par=None,
                   realigned=None, interp: str = "linear", qc=None, like=None, zooms_t=None, protect=()) -> None:
-    """Write the motion outputs of a realignment, all or none (:func:`regkl.io.output_group`).
+    """Write the motion outputs of a realignment, all or none (:func:`regkl.outputs.output_group`).
 
     Parameters
     ----------

@@ -34,7 +34,8 @@ def regkl(*args):
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
     """(dataset root, results folder, first run) of a batch with the default options."""
-    from regkl.io import load_series, load_volume, save_array, save_volume
+    from regkl.io import load_series, load_volume
+    from regkl.writers import save_array, save_volume
     from regkl.pyramid import downsample
     from regkl.resample import resample
 
