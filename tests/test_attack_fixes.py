@@ -136,3 +136,20 @@ def test_realign_takes_nan_background_as_no_data(tmp_path, capfd):
     header = rows[0].split("\t")
     trans_x = [float(r.split("\t")[header.index("trans_x")]) for r in rows[1:]]
     assert abs(abs(trans_x[2] - trans_x[0]) - 9.0) < 1.0, trans_x
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--xfm", "{d}/x.h5"], "written as .txt or .tfm"),
+    (["--confounds", "{d}/c.csv"], "written as .tsv"),
+    (["--par", "{d}/p.par", "--confounds", "{d}/p.par"], "written as .tsv"),
+    (["--par", "{d}/same.par", "--qc", "{d}/q.png", "--boldref", "{d}/b.nii.gz", "-o", "{d}/b.nii.gz"],
+     "same file"),
+    (["--prefix", ""], "--prefix"),
+])
+def test_realign_outputs_are_named_for_what_they_hold(tmp_path, capfd, extra, phrase):
+    """Refused before any work: realign wrote ITK text under .h5 and tab-separated text under .csv."""
+    series = np.stack([blob((12, 12, 10), seed=s) for s in range(3)], -1)
+    nib.save(nib.Nifti1Image(series, AFF), str(tmp_path / "s.nii.gz"))
+    code, _, err = run(["realign", tmp_path / "s.nii.gz", *[a.format(d=tmp_path) for a in extra], "-q"], capfd)
+    assert code == 2 and phrase in one_error_line(err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.nii.gz"]
