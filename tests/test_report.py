@@ -230,7 +230,8 @@ def probe_in_browser(exe, page: Path, tmp_path: Path) -> tuple:
                       encoding="utf-8")
     proc = subprocess.run(chromium_args(exe, tmp_path / "chromium-profile")
                           + ["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-                          capture_output=True, encoding="utf-8", errors="replace", timeout=90)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=90,
+                          start_new_session=True)  # Chromium may signal its whole process group
     found = re.search(r'<pre id="regkl-probe">(.*?)</pre>', proc.stdout, re.S)
     assert found, f"the probe did not run (exit {proc.returncode}): {proc.stderr[-2000:]}"
     import html as htmllib
@@ -246,7 +247,8 @@ def console_lines(stderr: str) -> list:
 def screenshot(exe, page: Path, dest: Path, size=(1400, 900)) -> Path:
     proc = subprocess.run(chromium_args(exe, dest.parent / "chromium-profile-shot")
                           + [f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=10000",
-                             f"--screenshot={dest}", page.as_uri()], capture_output=True, encoding="utf-8", errors="replace", timeout=90)
+                             f"--screenshot={dest}", page.as_uri()], capture_output=True, encoding="utf-8",
+                          errors="replace", timeout=90, start_new_session=True)
     assert dest.is_file(), proc.stderr[-2000:]
     return dest
 
