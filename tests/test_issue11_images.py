@@ -310,7 +310,7 @@ def test_fill_default_is_stated_in_help(capfd):
     for command in ("register", "apply"):
         code, out, _ = run([command, "--help"], capfd)
         assert code == 0
-        assert re.search(r"--fill FLOAT.*\[default: 0\.0\]", " ".join(out.split())), out
+        assert re.search(r"--fill VALUE.*\[default: 0\.0\]", " ".join(out.split())), out
 
 
 # --------------------------------------------------------------------------------------------------
