@@ -153,3 +153,15 @@ def test_realign_outputs_are_named_for_what_they_hold(tmp_path, capfd, extra, ph
     code, _, err = run(["realign", tmp_path / "s.nii.gz", *[a.format(d=tmp_path) for a in extra], "-q"], capfd)
     assert code == 2 and phrase in one_error_line(err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.nii.gz"]
+
+
+def test_wrong_subject_real_pair_is_flagged(capfd):
+    """Issue 11 item 7: a real EPI registered onto another person's image (the real b0 onto the MNI
+    T1) is flagged suspect; the same subject's pair is covered by test_qc's real-pair check."""
+    from .conftest import MNI, REAL, need
+
+    code, out, err = run(["register", need(REAL) / "b0_epi.nii.gz", need(MNI) / "mni152_T1w_1mm.nii.gz",
+                          "--confidence", "--json", "-q"], capfd)
+    assert code == 0, err
+    conf = json.loads(out)["confidence"]
+    assert conf["suspect"] is True, conf
