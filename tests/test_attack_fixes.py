@@ -141,7 +141,7 @@ def test_realign_takes_nan_background_as_no_data(tmp_path, capfd):
 @pytest.mark.parametrize("extra, phrase", [
     (["--xfm", "{d}/x.h5"], "written as .txt or .tfm"),
     (["--confounds", "{d}/c.csv"], "written as .tsv"),
-    (["--par", "{d}/p.par", "--confounds", "{d}/p.par"], "written as .tsv"),
+    (["--par", "{d}/p.txt"], "written as .par"),
     (["--par", "{d}/same.par", "--qc", "{d}/q.png", "--boldref", "{d}/b.nii.gz", "-o", "{d}/b.nii.gz"],
      "same file"),
     (["--prefix", ""], "--prefix"),

@@ -84,16 +84,16 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
                           ("auto", "mean", "median") else ())
     if prefix is not None and not prefix.strip():
         raise click.BadParameter("must not be empty", param_hint="--prefix")
-    for out, option, suffixes in ((confounds, "--confounds", (".tsv",)), (xfm, "--xfm", (".txt", ".tfm")),
-                                  (par, "--par", (".par",))):
-        if out and not out.lower().endswith(suffixes):
-            raise click.BadParameter(f"{out!r}: this file is written as {' or '.join(suffixes)} text; name it so",
-                                     param_hint=option)
     named = [p for p in (output, confounds, xfm, boldref, par, qc_out) if p]
     if len({os.path.abspath(p) for p in named}) < len(named):
         raise click.UsageError("two outputs name the same file; give each output its own name")
     for out in (output, confounds, xfm, boldref, par, qc_out):
         check_output(out, inputs)
+    for out, option, suffixes in ((confounds, "--confounds", (".tsv",)), (xfm, "--xfm", (".txt", ".tfm")),
+                                  (par, "--par", (".par",))):
+        if out and not out.lower().endswith(suffixes):
+            raise click.BadParameter(f"{out!r}: this file is written as {' or '.join(suffixes)} text; name it so",
+                                     param_hint=option)
     from ..writers import check_image_output
 
     for out, ndim in ((output, 4), (boldref, 3)):
