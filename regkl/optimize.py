@@ -178,6 +178,8 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
     the large one would spend almost every point outside it. The masks swap roles with the images
     (each still belongs to its image), the prior is transposed, and ``settings`` records it.
     """
+    _check_numbers(bins=bins, seed=seed, max_iter=max_iter, max_seconds=max_seconds, sampling=sampling,
+                   max_points=max_points, levels=levels)
     moving, fixed = as_volume(moving, what="moving"), as_volume(fixed, what="fixed")
     fixed_mask = None if fixed_mask is None else as_volume(fixed_mask, what="fixed_mask", allow_constant=True)
     moving_mask = None if moving_mask is None else as_volume(moving_mask, what="moving_mask", allow_constant=True)
@@ -189,6 +191,29 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
     if fraction < SWAP_BELOW:
         return _register_other_way(moving, fixed, fraction, options)
     return _register(moving, fixed, **options)
+
+
+def _check_numbers(*, bins, seed, max_iter, max_seconds, sampling, max_points, levels) -> None:
+    """InputError for numeric settings of the wrong type or range (the command line checks the same
+    when it parses its options; this is the Python API's check)."""
+    import numbers
+
+    def integer(name, value, low, optional=False):
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise InputError(f"{name} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
+
+    integer("bins", bins, 8)
+    integer("seed", seed, 0)
+    integer("max_iter", max_iter, 1)
+    integer("max_points", max_points, 1000, optional=True)
+    integer("levels", levels, 1, optional=True)
+    for name, value, optional in (("sampling", sampling, False), ("max_seconds", max_seconds, True)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
+            raise InputError(f"{name} must be a finite number > 0{' or None' if optional else ''}, got {value!r}")
 
 
 #: A moving image whose field of view is under this fraction of the fixed image's is registered the

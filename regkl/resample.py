@@ -44,8 +44,15 @@ def resample(moving: Volume | str, grid: Volume | str, fixed2moving: np.ndarray,
     """
     if interp not in INTERPOLATORS:
         raise InputError(f"unknown interpolation {interp!r}; choose one of {', '.join(INTERPOLATORS)}")
+    from .xfm import check_transform_matrix
+
     moving = as_volume(moving, what="moving", allow_constant=True)
     grid = as_volume(grid, what="grid", allow_constant=True)
+    fixed2moving = check_transform_matrix(fixed2moving, what="fixed2moving")
+    try:
+        fill = float(fill)
+    except (TypeError, ValueError):
+        raise InputError(f"fill must be a number, got {fill!r}") from None
     m = np.ascontiguousarray(vox2vox(moving, grid, fixed2moving))
     s0, s1, s2 = grid.shape
     has_nan = not bool(np.isfinite(moving.data).all())  # NaN (and infinite, from the API) voxels: no data

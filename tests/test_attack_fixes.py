@@ -165,3 +165,24 @@ def test_wrong_subject_real_pair_is_flagged(capfd):
     assert code == 0, err
     conf = json.loads(out)["confidence"]
     assert conf["suspect"] is True, conf
+
+
+@pytest.mark.parametrize("settings", [dict(bins="24"), dict(bins=24.5), dict(seed=-1), dict(seed=0.5),
+                                      dict(max_iter=0), dict(max_seconds=float("nan")), dict(max_seconds=-1.0),
+                                      dict(sampling=0.0), dict(max_points=10)])
+def test_api_register_refuses_bad_settings_before_work(pair, settings):
+    """The Python API checks what the command line checks (raw TypeErrors, or silent acceptance, before)."""
+    import regkl
+    from regkl.errors import InputError
+
+    with pytest.raises(InputError):
+        regkl.register(pair / "moving.nii.gz", pair / "fixed.nii.gz", **settings)
+
+
+@pytest.mark.parametrize("matrix", [np.full((4, 4), np.nan), np.zeros((4, 4)), np.eye(3)])
+def test_api_apply_refuses_impossible_matrices(pair, matrix):
+    import regkl
+    from regkl.errors import InputError
+
+    with pytest.raises(InputError):
+        regkl.apply(pair / "moving.nii.gz", pair / "fixed.nii.gz", matrix)
