@@ -268,8 +268,13 @@ def _afni_text(m, fixed, moving, path):
 
 
 def _lta_text(m, fixed, moving, path):
-    xfm = _factory("lta").from_ras(m, reference=_grid_image(fixed, "fixed", "lta", path),
-                                   moving=_grid_image(moving, "moving", "lta", path))
+    """LTA text (RAS2RAS) in FreeSurfer's own layout: ``src`` = the moving image, ``dst`` = the fixed
+    one, and ``m_L`` mapping src RAS to dst RAS (moving -> fixed, the inverse of ``m``), as
+    ``mri_robust_register --mov M --dst F`` writes it and as nitransforms reads it (its reader
+    returns inv(m_L) whatever the labels). nitransforms' writer puts the two geometries the other
+    way round, which FreeSurfer tools that match ``src`` against ``--mov`` could read as the inverse."""
+    xfm = _factory("lta").from_ras(m, reference=_grid_image(moving, "moving", "lta", path),
+                                   moving=_grid_image(fixed, "fixed", "lta", path))
     return xfm.to_string()
 
 
