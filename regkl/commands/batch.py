@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ._common import (BINS, METRIC, MODEL, POSITIVE, SAMPLING, SEED, VolumeChoice, check_output, echo_err,
-                      load_prior, log, volume_option)
+                      load_prior, log)
 
 
 class _Progress:
@@ -117,7 +117,7 @@ def batch_cmd(root, out_dir, moving_glob, fixed_glob, suffixes, n_jobs, dask_sch
     batch.check_folders(rootp, out)
     load_prior(metric, prior, bins)
     options = {"model": model, "metric": metric, "bins": bins, "sampling": sampling, "search": search,
-               "auto_mask": auto_mask, "seed": seed, "moving_volume": volume_option(moving_volume),
+               "auto_mask": auto_mask, "seed": seed, "moving_volume": moving_volume,
                "interp": interp, "hmc": hmc}
     if prior:
         options["prior"] = str(Path(prior).resolve())

@@ -7,7 +7,7 @@ import json
 import click
 
 from .. import __version__
-from ._common import BINS, VolumeChoice, check_output, format_option, log, naming, volume_option
+from ._common import BINS, VolumeChoice, check_output, format_option, log, naming
 
 
 @click.command("learn-prior")
@@ -38,7 +38,7 @@ def learn_prior_cmd(pairs, output, bins, moving_volume, fmt, as_json, quiet, deb
     from ..xfm import read_transform
 
     say = log(quiet)
-    volume = volume_option(moving_volume)
+    volume = moving_volume  # converted by VolumeChoice
     check_output(output, [q for p in pairs for q in p.split(",") if q])
     split = [pair.split(",") for pair in pairs]
     for pair, parts in zip(pairs, split):

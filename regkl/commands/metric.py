@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ._common import BINS, METRICS, VolumeChoice, format_option, load_prior, naming, pair_label, volume_option
+from ._common import BINS, METRICS, VolumeChoice, format_option, load_prior, naming, pair_label
 
 
 @click.command("metric")
@@ -32,7 +32,7 @@ def metric_cmd(moving, fixed, metric_list, transform, fmt, prior, bins, moving_v
     from ..xfm import read_transform
 
     names = metric_list.split(",")  # checked against the registry by the option type
-    volume = volume_option(moving_volume)
+    volume = moving_volume  # converted by VolumeChoice
     if fmt is not None and transform is None:
         raise click.UsageError("--transform-format needs --transform")
     transform_file = None if transform is None else read_transform(transform, fmt, option="--transform-format")

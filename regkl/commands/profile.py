@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from ._common import (BINS, METRIC, SEED, VolumeChoice, check_output, check_picture_output, format_option, load_prior,
-                      log, naming, pair_label, volume_option)
+                      log, naming, pair_label)
 
 
 @click.command("profile")
@@ -59,7 +59,7 @@ def profile_cmd(moving, fixed, transform, fmt, output, metric, prior, bins, samp
     prior_table = load_prior(metric, prior, bins)
     inputs = tuple(p for p in (moving, fixed, transform, fixed_mask, moving_mask, prior) if p)
     check_output(output, inputs)
-    volume = volume_option(moving_volume)
+    volume = moving_volume  # converted by VolumeChoice
     if fmt is not None and transform is None:
         raise click.UsageError("--transform-format needs --transform")
     transform_file = None if transform is None else read_transform(transform, fmt, option="--transform-format")

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import click
 
-from ._common import (POSITIVE, SAMPLING, SEED, check_output, check_picture_output, log, set_threads, volume_option,
-                      warm_kernels_in_background)
+from ._common import (POSITIVE, SAMPLING, SEED, check_output, check_picture_output, log, set_threads, volume_option)
 
 EXAMPLES = """
 \b
@@ -101,7 +100,6 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
             check_image_output(out, protect=inputs, ndim=ndim)
     if qc_out:
         check_picture_output(qc_out)
-    warm_kernels_in_background().join()
     result = realign_file(series, confounds=confounds, xfm=xfm, boldref=boldref, par=par, realigned=output,
                           interp=interp, qc=qc_out, log=say, reference=reference, cost=cost, two_pass=two_pass,
                           sampling=sampling, seed=seed, threads=numba.get_num_threads())

@@ -15,7 +15,7 @@ from ..errors import InputError, RegklError
 from ._common import (BINS, LEVELS, MAX_ITER, MAX_SECONDS, METRIC, MODEL, POSITIVE, SAMPLING, SEED, FillValue,
                       VolumeChoice, echo_err,
                       check_output, check_picture_output, format_option, load_prior, log, naming, pair_label,
-                      set_threads, volume_option, warm_kernels_in_background)
+                      set_threads, warm_kernels_in_background)
 
 
 EXAMPLES = """
@@ -127,7 +127,7 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     if fmt is not None and transform_out is None:
         raise click.UsageError("--transform-format needs --transform-out")
     search = search or ("none" if init_transform else "auto")
-    volume = volume_option(moving_volume)
+    volume = moving_volume  # mean, median, realigned or an int: VolumeChoice converted it
     prior_table = load_prior(metric, prior, bins)
     inputs = tuple(p for p in (moving, fixed, fixed_mask, moving_mask, prior, init_transform) if p)
     for out in (output, transform_out, matrix_out, qc_out):
