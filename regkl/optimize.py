@@ -20,6 +20,8 @@ from .volume import Volume, as_volume
 #: Default cap on the fixed sample points of one level (``max_points``): the error of a rigid fit
 #: stops improving well below it (error against the cap in benchmarks/README.md, "Speed").
 MAX_POINTS = 150_000
+#: Fewest sample points per level a cap may ask for.
+MIN_MAX_POINTS = 1000
 #: Centres of mass (rotation centre, ``init='com'``) come from the finest level with at most this
 #: many voxels in each image.
 COM_MAX_VOXELS = 2 ** 21
@@ -207,7 +209,7 @@ def _check_numbers(*, bins, seed, max_iter, max_seconds, sampling, max_points, l
     integer("bins", bins, 8)
     integer("seed", seed, 0)
     integer("max_iter", max_iter, 1)
-    integer("max_points", max_points, 1000, optional=True)
+    integer("max_points", max_points, MIN_MAX_POINTS, optional=True)
     integer("levels", levels, 1, optional=True)
     for name, value, optional in (("sampling", sampling, False), ("max_seconds", max_seconds, True)):
         if value is None and optional:
@@ -251,8 +253,8 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
         raise InputError(f"sampling must be in (0, 1], got {sampling}")
     if not 8 <= bins <= 512:
         raise InputError(f"bins must be between 8 and 512, got {bins}")
-    if max_points is not None and max_points < 1000:
-        raise InputError(f"max_points must be at least 1000, got {max_points}")
+    if max_points is not None and max_points < MIN_MAX_POINTS:
+        raise InputError(f"max_points must be at least {MIN_MAX_POINTS}, got {max_points}")
     if levels is not None and not 1 <= levels <= 6:
         raise InputError(f"levels must be between 1 and 6, got {levels}")
     if search not in SEARCH_MODES:

@@ -43,6 +43,12 @@ COARSE_STEP_TOL = 0.01
 COARSER = 1.2
 #: Bins of the MI histogram (cost 'mi').
 MI_BINS = 32
+#: A reference image given as a file must look like the series' volumes for the same-modality costs:
+#: the correlation of the realigned median with it (both smoothed to twice its voxel size, over the
+#: brighter half of its head mask: tissue contrast, not the head's outline) is at least this. Single
+#: volumes of synthetic and real-b0 series, even with noise at 30 % of the signal, scored 0.79-0.99;
+#: the sample BOLD's T1 as reference scored 0.07 and made up about 1 mm of motion.
+MIN_REFERENCE_CORRELATION = 0.5
 #: Per-volume flags (value = message).
 FLAGS = {"empty": "constant (empty or not-a-number) volume; its transform is its neighbour's",
          "no-overlap": "does not overlap the reference; its transform is its neighbour's"}
@@ -304,6 +310,26 @@ def _no_data_as_background(volumes, log):
     return out, usable
 
 
+def _check_resemblance(boldref: Volume, reference: Volume, cost: str) -> None:
+    """InputError when a reference image does not look like the realigned series (another contrast):
+    the same-modality costs would then report made-up motion. Both are compared at twice the
+    reference's coarsest voxel size (noise averaged out, tissue contrast kept)."""
+    spacing = 2.0 * float(np.max(reference.spacing))
+    ref = pyramid.downsample(reference, spacing)
+    head = resample(masks.auto_mask(reference), ref, np.eye(4), interp="nearest").data > 0.5
+    inside = head & (ref.data > np.median(ref.data[head]))  # tissue, not the head's outline
+    a = pyramid.downsample(boldref, spacing).data[inside].astype(np.float64)
+    b = ref.data[inside].astype(np.float64)
+    a -= a.mean()
+    b -= b.mean()
+    corr = float(a @ b / max(np.sqrt((a @ a) * (b @ b)), 1e-300))
+    if not corr >= MIN_REFERENCE_CORRELATION:
+        raise InputError(f"does not look like the volumes of the series (correlation {corr:.2f} after "
+                         f"realignment, below {MIN_REFERENCE_CORRELATION}): the {cost!r} cost needs a reference "
+                         "of the same contrast (a volume of the series, its mean, an SBRef or boldref); for "
+                         "another contrast use --cost mi", path=reference.name)
+
+
 def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = False, sampling: float = 0.25,
             levels: int | None = None, finest_fwhm_vox: float = FINEST_FWHM_VOX, seed: int = 0,
             max_iter: int = 100, threads: int = 1, log=None) -> RealignResult:
@@ -348,7 +374,8 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
     ------
     InputError
         Fewer than 2 volumes, volumes on different grids, every volume constant, an unknown
-        cost or reference, a reference that does not overlap the series.
+        cost or reference, a reference that does not overlap the series, a reference image that
+        does not look like the series with cost 'nc' or 'ls' (:data:`MIN_REFERENCE_CORRELATION`).
     """
     t0 = time.perf_counter()
     say = log or (lambda msg: None)
@@ -416,6 +443,8 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
     aligned = realigned_volumes([volumes[t] for t in keep], out_grid, matrices[keep])
     boldref = out_grid.with_data(np.median(np.stack(aligned), axis=0).astype(np.float32),
                                  note=f"median of {len(keep)} realigned volumes")
+    if isinstance(reference, Volume) and cost != "mi":
+        _check_resemblance(boldref, reference, cost)
     for t, f in enumerate(flags):
         if f:
             say(f"volume {t}: {FLAGS[f]}")

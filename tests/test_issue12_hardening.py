@@ -256,7 +256,7 @@ BAD_VALUES = [
     ("register", "--sampling", "nan"), ("register", "--sampling", "1.5"), ("register", "--bins", "4"),
     ("register", "--bins", "100000"), ("register", "--levels", "0"), ("register", "--threads", "0"),
     ("register", "--metric", ""), ("register", "--metric", "mutual"), ("register", "--model", ""),
-    ("register", "--moving-volume", ""), ("register", "--moving-volume", "1.5"),
+    ("register", "--moving-volume", ""), ("register", "--moving-volume", "1.5"), ("register", "--max-points", "10"),
     ("metric", "--metric", ""), ("metric", "--metric", "mi,,nmi"), ("metric", "--bins", "0"),
     ("metric", "--moving-volume", "x"),
     ("profile", "--seed", "-3"), ("profile", "--metric", ""), ("profile", "--bins", "1"),

@@ -249,3 +249,31 @@ def test_register_moving_volume_realigned(small_series, template, tmp_path, capf
     out, err = capfd.readouterr()
     assert exc.value.code == 0, err
     assert json.loads(out)["moving_reference"].startswith("boldref: median of 6 realigned volumes")  # 2 dummies out
+
+
+def test_realign_reference_file_must_share_the_series_contrast(small_series, template, tmp_path, capfd):
+    """A T1 as --reference would make up motion with the same-modality costs: refused, nothing
+    written; a noisy volume of the series given as a file is accepted, and --cost mi takes the T1."""
+    import nibabel as nib
+
+    from regkl import synthetic
+    from regkl.resample import resample
+
+    vols = small_series[0][2:6]
+    series = _save_series(vols, tmp_path / "bold.nii.gz")
+    t1 = resample(synthetic.make_t1(template), vols[0], np.eye(4))
+    t1_ref = tmp_path / "T1w.nii.gz"
+    nib.save(nib.Nifti1Image(t1.data, vols[0].vox2ras), str(t1_ref))
+    noisy = vols[1].data + np.random.default_rng(0).normal(0, 0.15 * np.percentile(vols[1].data, 90), vols[1].shape)
+    noisy_ref = tmp_path / "sbref.nii.gz"
+    nib.save(nib.Nifti1Image(noisy.astype(np.float32), vols[0].vox2ras), str(noisy_ref))
+    for args, words in (([str(series), "--reference", str(t1_ref)], "does not look like the volumes"),
+                        ([str(series), "--reference", "-1"], "count from 0")):
+        code, err = _run(["realign", *args, "--prefix", str(tmp_path / "x"), "-q"], capfd)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and words in lines[0], (args, err)
+    assert not list(tmp_path.glob("x*"))
+    for args in ([str(series), "--reference", str(noisy_ref)], [str(series), "--reference", str(t1_ref),
+                                                                 "--cost", "mi"]):
+        code, err = _run(["realign", *args, "--prefix", str(tmp_path / "y"), "-q", "--threads", "1"], capfd)
+        assert code == 0, (args, err)

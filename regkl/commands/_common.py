@@ -165,6 +165,24 @@ LEVELS = click.IntRange(1, 6)
 POSITIVE = click.IntRange(1)
 
 
+class MaxPoints(click.IntRange):
+    """Cap on sample points per level: 0 (no cap) or at least the library's minimum."""
+
+    def __init__(self):
+        super().__init__(0)
+
+    def convert(self, value, param, ctx):
+        from ..optimize import MIN_MAX_POINTS
+
+        rv = super().convert(value, param, ctx)
+        if 0 < rv < MIN_MAX_POINTS:
+            self.fail(f"{rv} is too few to register with; give 0 (no cap) or at least {MIN_MAX_POINTS}.", param, ctx)
+        return rv
+
+
+MAX_POINTS = MaxPoints()
+
+
 def check_environment() -> None:
     """Refuse (one line, exit 2) settings in the environment regkl or Numba cannot use."""
     import os

@@ -79,6 +79,9 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
     xfm = xfm or f"{base}_hmc_xfm.txt"
     boldref = boldref or f"{base}_boldref.nii.gz"
     reference = volume_option(reference)
+    if isinstance(reference, int) and reference < 0:
+        raise click.BadParameter(f"{reference}: volume indices count from 0 (the first volume)",
+                                 param_hint="--reference")
     inputs = (series,) + ((reference,) if isinstance(reference, str) and reference not in
                           ("auto", "mean", "median") else ())
     if prefix is not None and not prefix.strip():

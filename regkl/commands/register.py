@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError, RegklError
-from ._common import (BINS, LEVELS, MAX_ITER, MAX_SECONDS, METRIC, MODEL, POSITIVE, SAMPLING, SEED, FillValue,
+from ._common import (BINS, LEVELS, MAX_ITER, MAX_POINTS, MAX_SECONDS, METRIC, MODEL, POSITIVE, SAMPLING, SEED, FillValue,
                       VolumeChoice, echo_err,
                       check_output, check_picture_output, format_option, load_prior, log, naming, pair_label,
                       set_threads, warm_kernels_in_background)
@@ -62,8 +62,8 @@ Examples:
               "(from regkl learn-prior).")
 @click.option("--bins", default=24, show_default=True, type=BINS, help="Histogram bins (8 to 512).")
 @click.option("--sampling", default=0.5, show_default=True, type=SAMPLING,
-              help="Fraction of fixed grid points used at each level (regular grid, seeded jitter).")
-@click.option("--max-points", type=click.IntRange(0), default=None, help="Most fixed sample points per level; 0 for no cap "
+              help="Fraction of fixed grid points used at each level (a seeded random subset, jittered).")
+@click.option("--max-points", type=MAX_POINTS, default=None, help="Most fixed sample points per level; 0 for no cap "
               "[default: 150000: the error stops improving well below it].")
 @click.option("--levels", type=LEVELS, default=None, help="Pyramid levels [default: from voxel sizes].")
 @click.option("--init", "init", type=click.Choice(["com", "geometry", "header"]), default=None,
