@@ -388,6 +388,8 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
         raise InputError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
     if not 0.0 < sampling <= 1.0:
         raise InputError(f"sampling must be in (0, 1], got {sampling}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise InputError(f"threads must be a whole number of at least 1, got {threads!r}")
     grid = volumes[0]
     if any(v.shape != grid.shape or not np.allclose(v.vox2ras, grid.vox2ras) for v in volumes):
         raise InputError("the volumes of the series are not on one grid", path=grid.name)

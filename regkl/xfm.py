@@ -218,8 +218,8 @@ def _parse_lta(path):
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - nitransforms' parser asserts and raises many types
-        raise InputError(f"not a FreeSurfer LTA file ({type(exc).__name__} {' '.join(str(exc).split())[:80]})",
-                         path=path) from exc
+        raise InputError("not a readable FreeSurfer LTA file (it needs a 'type' line, 'nxforms = 1', one 4x4 "
+                         "matrix and the src/dst volume info; --debug shows the parser's error)", path=path) from exc
     return m
 
 

@@ -223,7 +223,7 @@ def test_fsl_matrix_named_txt_refused_then_applied_exactly_with_format(pair, tmp
     ("itk.txt", "#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
      "Parameters: 1 0 0 0 1 0 0 0 1 0 0 0\nFixedParameters: 0 0 0\n", "ras", "ITK format, not regkl RAS"),
     ("two.aff12.1D", "1 0 0 0 0 1 0 0 0 0 1 0\n1 0 0 0 0 1 0 0 0 0 1 0\n", None, "one line of 12 numbers"),
-    ("bad.lta", "type = 1\nnxforms = 1\ngarbage\n", None, "not a FreeSurfer LTA file"),
+    ("bad.lta", "type = 1\nnxforms = 1\ngarbage\n", None, "not a readable FreeSurfer LTA file"),
 ])
 def test_ambiguous_or_contradictory_files_refused(tmp_path, name, content, fmt, phrase):
     (tmp_path / name).write_text(content)

@@ -277,3 +277,12 @@ def test_realign_reference_file_must_share_the_series_contrast(small_series, tem
                                                                  "--cost", "mi"]):
         code, err = _run(["realign", *args, "--prefix", str(tmp_path / "y"), "-q", "--threads", "1"], capfd)
         assert code == 0, (args, err)
+
+
+@pytest.mark.parametrize("threads", [0, "2", 1.5, True])
+def test_realign_api_refuses_odd_thread_counts(small_series, threads):
+    from regkl.errors import InputError
+    from regkl.realign import realign
+
+    with pytest.raises(InputError, match="threads must be a whole number"):
+        realign(small_series[0][:2], threads=threads)
