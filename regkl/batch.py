@@ -316,6 +316,9 @@ def run_job(job: Job, threads: int | None = None) -> dict:
             moving = load_volume(job.moving, volume="mean" if moving_volume == "realigned" else moving_volume)
         if not hmc:
             motion = None
+        from .itk_placement import check_itk_placement
+
+        check_itk_placement((fixed, moving), "write the pair's ITK transform (desc-coreg_xfm)")
         opts.setdefault("confidence", True)
         result = register(moving, fixed, **opts)
         registered = resample(moving, fixed, result.fixed2moving, interp=interp)

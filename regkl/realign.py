@@ -537,6 +537,10 @@ def realign_file(series, *, confounds=None, xfm=None, boldref=None, par=None, re
     overwritten). Returns the :class:`RealignResult`.
     """
     volumes, tr, _ = load_series_for_realign(series)
+    if xfm:
+        from .itk_placement import check_itk_placement
+
+        check_itk_placement(volumes[:1], "write the per-volume ITK transforms (--xfm)")
     reference = options.get("reference")
     protect = (series,) + ((reference,) if isinstance(reference, str) else ())
     if isinstance(reference, str) and reference not in ("auto", "mean", "median"):

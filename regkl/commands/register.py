@@ -155,6 +155,13 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask, allow_constant=True)
     moving_mask_vol = None if moving_mask is None else load_volume(moving_mask, allow_constant=True)
     warm.join()
+    from ..itk_placement import check_itk_placement
+
+    if transform_fmt == "itk":
+        check_itk_placement((fixed_vol, moving_vol), "write --transform-out in ITK format",
+                            "write another format (--transform-format fsl, lta or ras)")
+    if start is not None and start.format == "itk":
+        check_itk_placement((fixed_vol, moving_vol), "read the ITK --init-transform")
     if moving_vol.note:
         say(f"moving reference: {moving_vol.note}")
     init_matrix = None if start is None else start.fixed2moving(fixed_vol, moving_vol)

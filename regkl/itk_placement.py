@@ -1,0 +1,96 @@
+"""Where ITK (and so ANTs and SimpleITK) places an image, against where regkl places it.
+
+regkl reads NIfTI and Analyze headers as nibabel does (sform, else qform); ITK has its own rules
+(it may prefer the qform, falls back to it when the sform is sheared, and takes voxel sizes from
+``pixdim`` whatever the sform says). Where the two disagree, an ITK transform file means one
+thing in regkl and another in those tools, so regkl refuses to read or write one for such an
+image instead of handing over a file that would silently misplace it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+#: Farthest (mm, over the grid corners) ITK's placement of an image may lie from regkl's and still
+#: count as the same place (float32 headers round at about 1e-4 mm).
+ITK_PLACEMENT_TOL_MM = 0.05
+
+#: Files regkl decodes itself (the others it reads through SimpleITK, so ITK's placement is its own).
+OWN_DECODER_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
+
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def itk_vox2ras(path) -> np.ndarray | None:
+    """(4, 4) voxel -> RAS+ mm matrix of the first three axes as SimpleITK reads ``path``'s header,
+    or None when SimpleITK cannot read it."""
+    import SimpleITK as sitk
+
+    from .quiet import quiet_native_stderr
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with quiet_native_stderr():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    dim = reader.GetDimension()
+    if dim < 3:
+        return None
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    vox2lps = np.eye(4)
+    vox2lps[:3, :3] = direction * np.asarray(reader.GetSpacing()[:3], dtype=np.float64)
+    vox2lps[:3, 3] = reader.GetOrigin()[:3]
+    return _LPS_RAS @ vox2lps
+
+
+def itk_placement_gap(path, vox2ras, shape) -> float | None:
+    """Largest distance (mm) over the grid's corners between where ITK and regkl put the voxels of
+    the image file ``path`` (regkl's ``vox2ras``, its ``shape``), or None when regkl read it through
+    SimpleITK (the same placement by construction) or SimpleITK cannot read its header."""
+    name = str(path).lower()
+    if not name.endswith(OWN_DECODER_SUFFIXES) or not Path(path).is_file():
+        return None
+    theirs = itk_vox2ras(path)
+    if theirs is None:
+        return None
+    dims = [max(int(s), 1) for s in tuple(shape)[:3]] + [1] * (3 - min(len(shape), 3))
+    corners = np.array(np.meshgrid(*[[0, d - 1] for d in dims], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
+    return float(np.max(np.linalg.norm(((np.asarray(vox2ras) - theirs) @ corners)[:3], axis=0)))
+
+
+def check_itk_placement(volumes, action: str, alternative: str = "") -> None:
+    """InputError when ITK places one of ``volumes`` (Volumes read from files; their ``name`` is the
+    path) elsewhere than regkl does, so that an ITK transform could not mean the same in both.
+
+    Parameters
+    ----------
+    volumes : iterable of Volume
+    action : str
+        What needs the agreement, for the message (e.g. "write an ITK transform").
+    alternative : str
+        Another way out for the message (e.g. "write another format (--transform-format fsl)").
+
+    Raises
+    ------
+    InputError
+        Naming the image and the gap in mm.
+    """
+    for volume in volumes:
+        if volume is None or not volume.name:
+            continue
+        gap = itk_placement_gap(volume.name, volume.vox2ras, volume.shape)
+        if gap is not None and gap > ITK_PLACEMENT_TOL_MM:
+            raise InputError(
+                f"ITK, ANTs and SimpleITK place this image up to {gap:.3g} mm from where regkl, nibabel and "
+                f"FSL place it (its header's sform and qform disagree, the sform is sheared, or pixdim does "
+                f"not match the sform): an ITK transform cannot mean the same in regkl and in those tools, so "
+                f"regkl will not {action}; make the header consistent (e.g. nibabel: "
+                f"img.set_qform(img.get_sform()); FSL: fslorient -copysform2qform)"
+                + (f" or {alternative}" if alternative else ""), path=volume.name)
