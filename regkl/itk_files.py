@@ -168,6 +168,18 @@ def _exact_matrix(params, centre) -> np.ndarray:
     return m
 
 
+def _nonlinear_parts(tx) -> str:
+    """Names of the non-linear parts of a SimpleITK transform (a composite's, in order)."""
+    import SimpleITK as sitk
+
+    if tx.GetName() == "CompositeTransform":
+        composite = sitk.CompositeTransform(tx)
+        parts = [composite.GetNthTransform(i) for i in range(composite.GetNumberOfTransforms())]
+        names = [t.GetName() for t in parts if not t.IsLinear()]
+        return ", ".join(names) + " inside a CompositeTransform" if names else "CompositeTransform"
+    return tx.GetName()
+
+
 def read_itk_lps(path, container: str = "text") -> np.ndarray:
     """Read any linear ITK transform file as an LPS fixed->moving 4x4 matrix (finite; not yet validated).
 
@@ -196,6 +208,9 @@ def read_itk_lps(path, container: str = "text") -> np.ndarray:
         try:
             if tx.GetDimension() != 3:
                 raise InputError(f"expected a 3D transform, got {tx.GetDimension()}D", path=path)
+            if not tx.IsLinear():  # ITK's own answer, for every part of a composite (probing points misses local warps)
+                raise InputError(f"holds a non-linear transform ({_nonlinear_parts(tx)}); only linear (affine) "
+                                 "transforms are supported: apply warps with the tool that made them", path=path)
             basis = np.vstack([np.zeros(3), np.eye(3)])
             mapped = np.array([tx.TransformPoint(tuple(map(float, p))) for p in basis], dtype=np.float64)
             probe = np.array([37.0, -91.0, 53.0])
