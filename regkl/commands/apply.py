@@ -139,8 +139,14 @@ def _check_room(volumes, ref, dtype, output):
 
 
 def _stored_dtype(header, default):
-    """On-disk data type of a NIfTI header (so label maps stay integer), else ``default``."""
+    """On-disk data type of a NIfTI header (so label maps stay integer), else ``default``; float32
+    when the header scales its stored numbers (scl_slope/scl_inter), whose values are not integers."""
     try:
-        return np.dtype(header.get_data_dtype()) if header is not None else default
+        if header is None:
+            return default
+        slope, inter = header.get_slope_inter() if hasattr(header, "get_slope_inter") else (None, None)
+        scaled = (slope is not None and np.isfinite(slope) and slope not in (0.0, 1.0)) or \
+            (inter is not None and np.isfinite(inter) and inter != 0.0)
+        return np.dtype(np.float32) if scaled else np.dtype(header.get_data_dtype())
     except Exception:  # noqa: BLE001 - unusual header: keep float
         return default
