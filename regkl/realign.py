@@ -248,7 +248,10 @@ def _most_typical(volumes, usable, n_skip):
 def _reference_volume(volumes, usable, reference, n_skip):
     """The first pass's target from 'auto', 'mean', 'median', a volume index or a 3D Volume."""
     if isinstance(reference, Volume):
-        return reference
+        return reference if reference.note else reference.with_data(reference.data, note=f"image {reference.name}")
+    if isinstance(reference, bool) or (isinstance(reference, (int, np.integer)) and reference < 0):
+        raise InputError(f"reference volume {reference!r}: give a volume index counted from 0 (the first volume)",
+                         path=volumes[0].name)
     if reference == "auto":
         reference = _most_typical(volumes, usable, n_skip)
     good = [v.data for v, ok in zip(volumes, usable) if ok]
@@ -395,7 +398,8 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
         raise InputError("the volumes of the series are not on one grid", path=grid.name)
     volumes, usable = _no_data_as_background(volumes, log)
     if not any(usable):
-        raise InputError("every volume of the series is constant or has (almost) no finite voxel", path=grid.name)
+        raise InputError(f"no volume of the series can be realigned: each is constant or has fewer than "
+                         f"{MIN_FINITE_VOXELS} finite voxels (of {int(np.prod(grid.shape))})", path=grid.name)
     flags = ["" if ok else "empty" for ok in usable]
 
     n_skip = non_steady_volumes(np.array([float(np.mean(v.data, dtype=np.float64)) for v in volumes]))
@@ -544,9 +548,13 @@ def realign_file(series, *, confounds=None, xfm=None, boldref=None, par=None, re
     reference = options.get("reference")
     protect = (series,) + ((reference,) if isinstance(reference, str) else ())
     if isinstance(reference, str) and reference not in ("auto", "mean", "median"):
-        from .io import load_volume
+        from .io import load_series
 
-        options["reference"] = load_volume(reference)
+        ref_volumes, _ = load_series(reference)
+        if len(ref_volumes) > 1:
+            raise InputError(f"is a 4D series of {len(ref_volumes)} volumes; a reference image must be one 3D "
+                             "volume (an SBRef, a boldref, or pick a volume of the series by its index)", path=reference)
+        options["reference"] = ref_volumes[0].with_data(ref_volumes[0].data, note=f"image {reference}")
     result = realign(volumes, log=log, **options)
     write_outputs(result, volumes, confounds=confounds, xfm=xfm, boldref=boldref, par=par, realigned=realigned,
                   interp=interp, qc=qc, like=volumes[0], zooms_t=tr, protect=protect)

@@ -286,3 +286,35 @@ def test_realign_api_refuses_odd_thread_counts(small_series, threads):
 
     with pytest.raises(InputError, match="threads must be a whole number"):
         realign(small_series[0][:2], threads=threads)
+
+
+def test_realign_reference_and_prefix_edge_cases(small_series, tmp_path, capfd):
+    """A 4D reference file and an empty reference are refused, a duplicate output is named, a folder
+    prefix puts the series' name inside it, and a file reference is named in the summary."""
+    import json
+
+    import nibabel as nib
+
+    vols = small_series[0][2:5]
+    series = _save_series(vols, tmp_path / "bold.nii.gz")
+    ref = tmp_path / "ref.nii.gz"
+    nib.save(nib.Nifti1Image(vols[1].data, vols[1].vox2ras), str(ref))
+    for args, words in (([str(series), "--reference", str(series)], "is a 4D series of 3 volumes"),
+                        ([str(series), "--reference", " "], "must not be empty"),
+                        ([str(series), "--confounds", str(tmp_path / "a.tsv"), "--xfm", str(tmp_path / "a.tsv")],
+                         f"{tmp_path / 'a.tsv'}: two outputs name this file")):
+        code, err = _run(["realign", *args, "--prefix", str(tmp_path / "x"), "-q"], capfd)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and words in lines[0], (args, err)
+    out = tmp_path / "out"
+    out.mkdir()
+    from regkl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["realign", str(series), "--reference", str(ref), "--prefix", f"{out}/", "--json", "-q",
+              "--threads", "1"])
+    captured = capfd.readouterr()
+    assert exc.value.code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["reference"] == f"image {ref}"
+    assert sorted(p.name for p in out.iterdir()) == ["bold_boldref.nii.gz", "bold_hmc_xfm.txt", "bold_motion.tsv"]

@@ -74,10 +74,15 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
     t0 = time.perf_counter()
     say = log(quiet)
     set_threads(threads)
+    if prefix is not None and (prefix.endswith(("/", os.sep)) or os.path.isdir(prefix)):
+        prefix = os.path.join(prefix, _stem(series))  # a folder: the series' name inside it
     base = prefix if prefix is not None else _stem(series)
     confounds = confounds or f"{base}_motion.tsv"
     xfm = xfm or f"{base}_hmc_xfm.txt"
     boldref = boldref or f"{base}_boldref.nii.gz"
+    if not reference.strip():
+        raise click.BadParameter("must not be empty: auto, mean, median, a volume index or an image file",
+                                 param_hint="--reference")
     reference = volume_option(reference)
     if isinstance(reference, int) and reference < 0:
         raise click.BadParameter(f"{reference}: volume indices count from 0 (the first volume)",
@@ -86,9 +91,11 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
                           ("auto", "mean", "median") else ())
     if prefix is not None and not prefix.strip():
         raise click.BadParameter("must not be empty", param_hint="--prefix")
-    named = [p for p in (output, confounds, xfm, boldref, par, qc_out) if p]
-    if len({os.path.abspath(p) for p in named}) < len(named):
-        raise click.UsageError("two outputs name the same file; give each output its own name")
+    seen = set()
+    for p in (output, confounds, xfm, boldref, par, qc_out):
+        if p and os.path.abspath(p) in seen:
+            raise click.UsageError(f"{p}: two outputs name this file; give each output its own name")
+        seen.add(os.path.abspath(p) if p else None)
     for out in (output, confounds, xfm, boldref, par, qc_out):
         check_output(out, inputs)
     for out, option, suffixes in ((confounds, "--confounds", (".tsv",)), (xfm, "--xfm", (".txt", ".tfm")),
