@@ -200,6 +200,8 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
                    init_fixed2moving=init_fixed2moving, search=search, fixed_mask=fixed_mask, moving_mask=moving_mask,
                    auto_mask=auto_mask, prior=prior, seed=seed, max_points=max_points, max_iter=max_iter,
                    max_seconds=max_seconds, confidence=confidence, log=log)
+    masks.sparse_signal_warning(moving, "moving")
+    masks.sparse_signal_warning(fixed, "fixed")
     fraction = reachable_fraction(fixed, moving)
     if fraction < SWAP_BELOW:
         return _register_other_way(moving, fixed, fraction, options)
