@@ -1,6 +1,6 @@
 """Does the confidence flag catch broken registrations? 40 good and 40 broken cases.
 
-Run by hand:  python benchmarks/bench_confidence.py [--quick] [--subjects] [--json out.json]
+Run by hand:  python benchmarks/bench_confidence.py [--quick] [--subjects | --seeds N] [--json out.json]
 
 Good (40): 20 synthetic EPI/T1 pairs (2009c template; rotations <= 20 deg, shifts <= 20 mm) and the
 real b0/T2w pair under 20 header perturbations (<= 15 deg, 15 mm).
@@ -29,6 +29,10 @@ synthesised from the MNI tissue maps (:func:`t2_like`) and onto the whole-head M
 onto the MNI T1 and onto the whole-head MNI. Good: the real b0 onto its T2w (perturbed header),
 synthetic EPIs onto the MNI T1, the T2-like image and the whole-head MNI, and an EPI-like view of the
 real T2w onto that T2w.
+
+``--seeds N`` (issue 11) instead registers correct pairs with the sampling seeds 0..N-1: the real
+b0 onto its T2w, the sample BOLD onto its T1 and two synthetic EPIs onto the MNI T1 (a correct
+registration must not be flagged depending on the seed).
 
 Where a truth exists the actual error is printed beside the flag. The overhead is the time of the
 confidence computation over the time of the registration itself, both from the same run.
@@ -168,15 +172,38 @@ def subject_cases(quick):
         yield "broken", "EPI view of T2w -> head", syn.epi_from_volume(t2, m2, rng), head, None, None, {}
 
 
+def seed_cases(n_seeds):
+    """Issue 11: correct pairs under the sampling seeds 0..n_seeds-1 (see --seeds)."""
+    tpl = syn.load_template()
+    t1 = syn.make_t1(tpl)
+    brain = syn.brain_points(tpl, step_vox=3)
+    pairs = [("real b0 -> its T2w", load_volume(SHARED / "real_b0_t2w" / "b0_epi.nii.gz"),
+              load_volume(SHARED / "real_b0_t2w" / "T2w.nii.gz"), None, None),
+             ("sample BOLD -> its T1", load_volume(REPO / "data" / "sub-01_bold.nii.gz", volume="mean"),
+              load_volume(REPO / "data" / "sub-01_T1w.nii.gz"), None, None)]
+    for s in (1, 2):
+        rng = np.random.default_rng(50 + s)
+        m = syn.random_rigid(rng, 15, 15, t1.centre_of_mass())
+        pairs.append((f"synthetic EPI {s} -> T1", syn.make_epi(tpl, m, rng), t1, m, brain))
+    for kind, moving, fixed, truth, pts in pairs:
+        for seed in range(n_seeds):
+            yield "good", kind, moving, fixed, truth, pts, {"seed": seed}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--subjects", action="store_true",
                         help="issue 11 item 7: real cross-subject pairs beside correct same-subject pairs")
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help="issue 11: correct pairs registered with the sampling seeds 0..N-1")
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = []
-    gen = subject_cases(args.quick) if args.subjects else cases(args.quick)
+    if args.seeds:
+        gen = seed_cases(args.seeds)
+    else:
+        gen = subject_cases(args.quick) if args.subjects else cases(args.quick)
     case = next(gen)
     while True:
         label, kind, moving, fixed, truth, pts, opts = case
@@ -184,7 +211,7 @@ def main():
         err = None if truth is None else rms_displacement(res.fixed2moving, truth, pts)
         counted = not (kind == "heavy dropout" and err is not None and err <= 2.0)
         conf = res.confidence
-        rows.append({"label": label if counted else "recovered", "kind": kind, "error_mm": err,
+        rows.append({"label": label if counted else "recovered", "kind": kind, **opts, "error_mm": err,
                      "score": conf.score, "suspect": conf.suspect, **conf.evidence,
                      "overhead": conf.seconds / max(res.seconds - conf.seconds, 1e-9)})
         r = rows[-1]
