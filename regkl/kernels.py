@@ -13,10 +13,41 @@ from . import numba_cache
 
 numba_cache.ensure_usable()  # before the first @njit(cache=True): a read-only install must still run
 
-from numba import njit, prange, uint64  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types, uint64  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 #: Points per chunk for the parallel reductions (fixed, so results do not depend on thread count).
 CHUNK = 4096
+
+
+#: The histogram kernel asks for the cache lines of the point this many points ahead (software
+#: prefetch): on a moving image larger than a core's cache the trilinear fetches wait on memory.
+PREFETCH_AHEAD = 16
+#: ... only on moving images of at least this many voxels (2 MB of float32, a core's L2 here);
+#: on smaller ones the lines are already in cache and the extra index arithmetic costs ~10 %.
+PREFETCH_MIN_VOXELS = 2 ** 19
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hint the CPU to bring the cache line of ``arr[idx]`` (1-D array) towards the core.
+
+    LLVM's ``llvm.prefetch`` (read, high locality, data): no effect on any result, never faults;
+    Numba offers no prefetch of its own.
+    """
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        byte_ptr = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        i32 = ir.IntType(32)
+        builder.call(fn, [builder.bitcast(builder.gep(ary.data, [args[1]]), byte_ptr), ir.Constant(i32, 0),
+                          ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, idx), codegen
 
 
 @njit(cache=True, fastmath=False)
@@ -82,6 +113,21 @@ def trilinear_flat(flat, n1, n2, u, v, w, n0):
     return trilinear_mix(flat[b], flat[b + uint64(1)], flat[b + uint64(n2)], flat[b + uint64(n2 + 1)],
                          flat[b + uint64(s0)], flat[b + uint64(s0 + 1)], flat[b + uint64(s0 + n2)],
                          flat[b + uint64(s0 + n2 + 1)], u - i, v - j, w - k)
+
+
+@njit(cache=True, fastmath=False)
+def prefetch_cell(flat, n0, n1, n2, u, v, w):
+    """:func:`prefetch` the (up to) four cache lines of the trilinear cell at continuous index
+    (u, v, w) of the flattened image (n0, n1, n2); any (u, v, w) (clamped to the grid)."""
+    i = int(min(max(u, 0.0), n0 - 2.0))
+    j = int(min(max(v, 0.0), n1 - 2.0))
+    k = int(min(max(w, 0.0), n2 - 2.0))
+    s0 = n1 * n2
+    b = uint64((i * n1 + j) * n2 + k)
+    prefetch(flat, b)
+    prefetch(flat, b + uint64(n2))
+    prefetch(flat, b + uint64(s0))
+    prefetch(flat, b + uint64(s0 + n2))
 
 
 @njit(cache=True, fastmath=False)
@@ -195,11 +241,23 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
     m00, m01, m02, m03 = vox_mat[0, 0], vox_mat[0, 1], vox_mat[0, 2], vox_mat[0, 3]
     m10, m11, m12, m13 = vox_mat[1, 0], vox_mat[1, 1], vox_mat[1, 2], vox_mat[1, 3]
     m20, m21, m22, m23 = vox_mat[2, 0], vox_mat[2, 1], vox_mat[2, 2], vox_mat[2, 3]
+    ahead = PREFETCH_AHEAD if n0 * n1 * n2 >= PREFETCH_MIN_VOXELS else 0
     for c in prange(n_chunks):
         start = c * CHUNK
         stop = min(start + CHUNK, n)
         part = partial[c]
         for p in range(start, stop):
+            if ahead > 0:
+                q = min(p + ahead, n - 1)
+                x = points[q, 0]
+                y = points[q, 1]
+                z = points[q, 2]
+                u = m00 * x + m01 * y + m02 * z + m03
+                v = m10 * x + m11 * y + m12 * z + m13
+                w = m20 * x + m21 * y + m22 * z + m23
+                prefetch_cell(flat, n0, n1, n2, u, v, w)
+                if use_mask:
+                    prefetch_cell(mask_flat, n0, n1, n2, u, v, w)
             x = points[p, 0]
             y = points[p, 1]
             z = points[p, 2]
