@@ -6,6 +6,7 @@ chunk and reduces the chunks in order, so results are bit-identical whatever the
 """
 
 import math
+import types as types_module
 
 import numpy as np
 
@@ -423,11 +424,27 @@ def moving_row_order(points, vox_mat, n0, n1):
 #: than the work (the coarsest level and the global search evaluate a few thousand points).
 SERIAL_BELOW = 20000
 
-# Serial builds of the same functions (prange runs as range); identical results, no thread wake-up.
-# They release the GIL, so independent evaluations can run concurrently in Python threads
-# (:func:`regkl.histogram.serial_kernels`).
-joint_histogram_serial = njit(cache=True, fastmath=False, nogil=True)(joint_histogram.py_func)
-matrix_gradient_serial = njit(cache=True, fastmath=False, nogil=True)(matrix_gradient.py_func)
+def serial_twin(kernel):
+    """A serial, GIL-releasing build of a ``parallel=True`` kernel (prange runs as range; identical
+    results, no thread wake-up).
+
+    Built from a copy of the Python function under its own name ``<name>_serial``: Numba's on-disk
+    cache files are named by the function's qualified name and first line, and their keys do not
+    include the compile flags, so a twin built from the same function object shares the parallel
+    build's cache entry, and whichever was compiled first is what both load in later processes.
+    """
+    fn = kernel.py_func
+    twin = types_module.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                                     fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    twin.__doc__ = fn.__doc__
+    return njit(cache=True, fastmath=False, nogil=True)(twin)
+
+
+# Serial builds of the histogram kernels: they release the GIL, so independent evaluations can run
+# concurrently in Python threads (:func:`regkl.histogram.serial_kernels`).
+joint_histogram_serial = serial_twin(joint_histogram)
+matrix_gradient_serial = serial_twin(matrix_gradient)
 
 
 @njit(cache=True, parallel=True, fastmath=False)
@@ -620,8 +637,8 @@ def block_mean(data, f0, f1, f2):
 
 
 # Serial twins of the moments and block-mean kernels (see joint_histogram_serial above).
-weighted_moments_serial = njit(cache=True, fastmath=False, nogil=True)(weighted_moments.py_func)
-block_mean_serial = njit(cache=True, fastmath=False, nogil=True)(block_mean.py_func)
+weighted_moments_serial = serial_twin(weighted_moments)
+block_mean_serial = serial_twin(block_mean)
 
 
 def warm_up():

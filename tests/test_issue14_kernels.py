@@ -156,3 +156,31 @@ def test_parallel_kernels_give_the_same_bits_at_one_and_two_threads():
         numba.set_num_threads(before)
     np.testing.assert_array_equal(out[0][0], out[1][0])
     np.testing.assert_array_equal(out[0][1], out[1][1])
+
+
+_CALL_GRADIENT = """
+import sys, numba, numpy as np
+from regkl import kernels
+n = 10
+fn = kernels.matrix_gradient if sys.argv[1] == "parallel" else kernels.matrix_gradient_serial
+fn(np.zeros(n, np.int32), np.zeros((n, 3)), np.full(n, 5.5), np.zeros((n, 3)), np.ones(n), np.zeros((n, 3)),
+   np.ones((24, 24)), np.eye(3))
+try:
+    numba.threading_layer()
+    print("threads")
+except ValueError:  # no parallel region has run in this process
+    print("no threads")
+"""
+
+
+def test_serial_twin_does_not_load_the_parallel_build_from_the_cache(tmp_path):
+    """Numba's cache keys ignore the compile flags: a twin sharing the parallel kernel's name and
+    line loaded the parallel build (or the parallel kernel the serial one) in later processes."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", _CALL_GRADIENT, which], env=env, capture_output=True, text=True)
+            for which in ("parallel", "serial", "parallel")]
+    assert [r.stdout.strip() for r in runs] == ["threads", "no threads", "threads"], [r.stderr[-500:] for r in runs]
