@@ -198,7 +198,9 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
     of its fixed bin, with weight ``w`` in [0, 1]: 1 inside the moving image, falling smoothly (C1)
     to 0 over the outermost voxel, 0 outside (points outside are left out, never zero-filled).
     What the gradient needs of each point is stored (one trilinear fetch per point and
-    evaluation: on a large moving image the fetches, not the arithmetic, dominate).
+    evaluation: on a large moving image the fetches, not the arithmetic, dominate; there the cell
+    of the point :data:`PREFETCH_AHEAD` ahead is prefetched, and points in the moving image's row
+    order, :func:`moving_row_order`, reuse cache lines).
 
     Parameters
     ----------
