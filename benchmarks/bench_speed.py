@@ -9,7 +9,8 @@ Parts (``--part``, default all):
   resampling and writing the output included) and then elastix's default rigid registration called
   in this process (its images already in memory: the harsher view for regkl), interleaved so both
   see the same machine load. Medians, the same error measure for both tools, ratios.
-* ``kernels``: histogram + gradient throughput (points per second) at 1 and 2 threads.
+* ``kernels``: histogram + gradient throughput (points per second) at 1 and 2 threads, points in
+  sampling order and in the moving image's row order, and the bare B-spline histogram update.
 * ``curve``: registration error against the cap on sample points per level (library calls).
 
 Run ``python benchmarks/bench_speed.py --help``; benchmarks/README.md ("Speed") explains the columns.
@@ -275,15 +276,17 @@ def pair_what(pairs, name):
 # ------------------------------------------------------------------------------------------------
 
 
-def kernel_case(n_points, seed=0):
-    """(samples, moving level, fixed2moving) of a realistic evaluation: a 1 mm T1 as the moving
-    image, ``n_points`` stratified points of the brain's bounding box, 24 bins, a 5 degree pose."""
+def kernel_case(n_points, seed=0, moving_mm=1.0):
+    """(samples, moving level, fixed2moving) of a realistic evaluation: ``n_points`` random points
+    of the 1 mm T1's grid (``pyramid.sample_grid``, in its storage order), 24 bins, a 5 degree
+    pose, and as the moving image the T1 at ``moving_mm`` (1 mm: 197x233x189, 35 MB, larger than
+    a core's caches; 3 mm: 66x78x63, 1.3 MB, the size of an EPI)."""
     from regkl import histogram, pyramid
     from regkl.transforms import get_model
 
     template = synthetic.load_template()
-    moving = synthetic.make_t1(template)
-    fixed = moving
+    fixed = synthetic.make_t1(template)
+    moving = fixed if moving_mm == 1.0 else synthetic.make_t1(template, voxel_mm=moving_mm)
     pts, vals = pyramid.sample_grid(fixed, 1.0, np.random.default_rng(seed), max_points=n_points)
     samples = histogram.make_samples(pts, vals, 24)
     level = histogram.make_moving_level(moving, 24)
@@ -291,48 +294,92 @@ def kernel_case(n_points, seed=0):
     return samples, level, m
 
 
+def _bare_update():
+    """A Numba kernel of the bare cubic B-spline histogram update (continuous bins given): the
+    ceiling of the histogram kernel, which also maps, fetches and stores the gradient terms."""
+    from numba import njit
+
+    from regkl.kernels import bspline3_weights
+
+    @njit(cache=False)
+    def bare(mov_c, fixed_bins, n_moving_bins, n_fixed_bins):
+        hist = np.zeros(n_fixed_bins * n_moving_bins)
+        for p in range(mov_c.shape[0]):
+            mc = mov_c[p]
+            if not (mc == mc):
+                continue
+            k0 = int(mc) - 1
+            b0, b1, b2, b3 = bspline3_weights(mc - k0 - 1.0)
+            row = fixed_bins[p] * n_moving_bins + k0
+            hist[row] += b0
+            hist[row + 1] += b1
+            hist[row + 2] += b2
+            hist[row + 3] += b3
+        return hist
+
+    return bare
+
+
 def part_kernels(args):
-    """Points per second of one histogram + gradient evaluation (and of each kernel alone)."""
+    """Points per second of one histogram + gradient evaluation (and of each kernel alone), with the
+    points in sampling (fixed grid) order and in the moving image's row order (as register() visits
+    them), and the bare B-spline histogram update for scale."""
     import numba
 
     from regkl import histogram
     from regkl.metrics import mutual_information
 
-    sizes = (100_000, 1_000_000) if args.quick else (100_000, 1_000_000, 4_000_000)
+    sizes = (150_000, 1_000_000) if args.quick else (150_000, 1_000_000, 4_000_000)
+    cases = [(n, 1.0) for n in sizes] + [(150_000, 3.0)]
     reps = 10 if args.quick else 20
     threads = [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]
-    say(f"# kernels: median of {reps} evaluations, moving = 1 mm T1 (197x233x189 float32), 24x24 bins")
+    bare = _bare_update()
+    say(f"# kernels: median of {reps} evaluations, 24x24 bins, points of the 1 mm T1 grid; moving: the T1 at 1 mm "
+        "(197x233x189 float32, 35 MB) or 3 mm (66x78x63, 1.3 MB)")
+    say("# order: grid = as sampled (fixed storage order), moving = moving-image row order (what register() uses)")
     say("# Mpt/s: million points per second of wall time; per_cpu_s: per second of this process's CPU time (all")
     say("# threads; on a loaded machine wall time includes waiting for a core, CPU time does not)")
-    say(f"{'points':>9} {'threads':>7} {'hist_Mpt/s':>10} {'grad_Mpt/s':>10} {'both_Mpt/s':>10} {'per_cpu_s':>12} "
-        f"{'load':>15}")
+    say(f"{'points':>9} {'moving':>6} {'order':>6} {'threads':>7} {'hist_Mpt/s':>10} {'grad_Mpt/s':>10} "
+        f"{'both_Mpt/s':>10} {'per_cpu_s':>12} {'load':>15}")
     rows = []
-    for n in sizes:
-        samples, level, m = kernel_case(n)
-        ev = histogram.joint_histogram(samples, level, m)  # first call: loads the kernels
-        dtable = mutual_information(ev.hist)[1]
-        histogram.matrix_gradient(samples, level, ev, dtable)
-        for t in threads:
-            numba.set_num_threads(t)
-            th, tg, cpu = [], [], []
-            for _ in range(reps):
-                c0 = time.process_time()
-                t0 = time.perf_counter()
-                ev = histogram.joint_histogram(samples, level, m)
-                t1 = time.perf_counter()
-                histogram.matrix_gradient(samples, level, ev, dtable)
-                t2 = time.perf_counter()
-                cpu.append(time.process_time() - c0)
-                th.append(t1 - t0)
-                tg.append(t2 - t1)
-            h, g = statistics.median(th), statistics.median(tg)
-            both = statistics.median([a + b for a, b in zip(th, tg)])
-            row = {"points": n, "threads": t, "hist_mpts": n / h / 1e6, "grad_mpts": n / g / 1e6,
-                   "both_mpts": n / both / 1e6, "both_mpts_per_cpu_s": n / statistics.median(cpu) / 1e6,
-                   "load": load_text()}
-            rows.append(row)
-            say(f"{n:>9} {t:>7} {row['hist_mpts']:>10.1f} {row['grad_mpts']:>10.1f} {row['both_mpts']:>10.1f} "
-                f"{row['both_mpts_per_cpu_s']:>12.1f} {row['load']:>15}")
+    for n, mm in cases:
+        grid, level, m = kernel_case(n, moving_mm=mm)
+        for order, samples in (("grid", grid), ("moving", histogram.in_moving_order(grid, level, m))):
+            ev = histogram.joint_histogram(samples, level, m)  # first call: loads the kernels
+            dtable = mutual_information(ev.hist)[1]
+            histogram.matrix_gradient(samples, level, ev, dtable)
+            for t in threads:
+                numba.set_num_threads(t)
+                th, tg, cpu = [], [], []
+                for _ in range(reps):
+                    c0 = time.process_time()
+                    t0 = time.perf_counter()
+                    ev = histogram.joint_histogram(samples, level, m)
+                    t1 = time.perf_counter()
+                    histogram.matrix_gradient(samples, level, ev, dtable)
+                    t2 = time.perf_counter()
+                    cpu.append(time.process_time() - c0)
+                    th.append(t1 - t0)
+                    tg.append(t2 - t1)
+                h, g = statistics.median(th), statistics.median(tg)
+                both = statistics.median([a + b for a, b in zip(th, tg)])
+                row = {"points": n, "moving_mm": mm, "order": order, "threads": t, "hist_mpts": n / h / 1e6,
+                       "grad_mpts": n / g / 1e6, "both_mpts": n / both / 1e6,
+                       "both_mpts_per_cpu_s": n / statistics.median(cpu) / 1e6, "load": load_text()}
+                rows.append(row)
+                say(f"{n:>9} {mm:>4g}mm {order:>6} {t:>7} {row['hist_mpts']:>10.1f} {row['grad_mpts']:>10.1f} "
+                    f"{row['both_mpts']:>10.1f} {row['both_mpts_per_cpu_s']:>12.1f} {row['load']:>15}")
+        bare(ev.mov_c, samples.bins, level.n_bins, samples.n_bins)  # compile
+        tb = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            bare(ev.mov_c, samples.bins, level.n_bins, samples.n_bins)
+            tb.append(time.perf_counter() - t0)
+        row = {"points": n, "moving_mm": mm, "order": "moving", "threads": 1,
+               "bare_update_mpts": n / statistics.median(tb) / 1e6, "load": load_text()}
+        rows.append(row)
+        say(f"{n:>9} {mm:>4g}mm {'moving':>6} {1:>7} bare B-spline histogram update (continuous bins given): "
+            f"{row['bare_update_mpts']:.1f} Mpt/s {row['load']:>15}")
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     return rows
 

@@ -133,6 +133,36 @@ def thinned(samples: Samples, max_points: int) -> Samples:
                    np.ascontiguousarray(samples.bins[::step]), samples.n_bins)
 
 
+def in_moving_order(samples: Samples, moving: MovingLevel, fixed2moving: np.ndarray) -> Samples:
+    """The same sample points, reordered to visit the moving image row by row under ``fixed2moving``.
+
+    The joint histogram's cost on a large moving image is its trilinear fetches; points that follow
+    the moving image's storage order reuse cache lines (on a 1 mm moving image and 150 000 points
+    about twice the throughput of fixed-grid order, see benchmarks/README.md, "Kernel throughput").
+    A level's pose changes little, so one ordering at its start serves all its evaluations. The
+    histogram and gradient are the same sums in another order (equal to rounding).
+
+    Parameters
+    ----------
+    samples : Samples
+    moving : MovingLevel
+    fixed2moving : ndarray (4, 4)
+        Fixed RAS mm to moving RAS mm.
+
+    Returns
+    -------
+    Samples
+        ``samples`` permuted (a stable counting sort on the moving row; deterministic).
+    """
+    m = np.asarray(fixed2moving, dtype=np.float64)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise KernelInputError(f"fixed2moving must be a finite 4x4 matrix, got shape {m.shape}")
+    vox_mat = np.ascontiguousarray((moving.volume.ras2vox @ m)[:3])
+    n0, n1 = moving.volume.shape[:2]
+    order = kernels.moving_row_order(samples.points, vox_mat, int(n0), int(n1))
+    return Samples(samples.points[order], samples.values[order], samples.bins[order], samples.n_bins)
+
+
 def make_moving_level(volume: Volume, n_bins: int, value_range=None, mask: np.ndarray | None = None) -> MovingLevel:
     """Map moving intensities [lo, hi] to continuous bins [2, n_bins - 3] (cubic-kernel padding).
 

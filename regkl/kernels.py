@@ -6,6 +6,7 @@ chunk and reduces the chunks in order, so results are bit-identical whatever the
 """
 
 import math
+import types as types_module
 
 import numpy as np
 
@@ -13,10 +14,41 @@ from . import numba_cache
 
 numba_cache.ensure_usable()  # before the first @njit(cache=True): a read-only install must still run
 
-from numba import njit, prange  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types, uint64  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 #: Points per chunk for the parallel reductions (fixed, so results do not depend on thread count).
 CHUNK = 4096
+
+
+#: The histogram kernel asks for the cache lines of the point this many points ahead (software
+#: prefetch): on a moving image larger than a core's cache the trilinear fetches wait on memory.
+PREFETCH_AHEAD = 16
+#: ... only on moving images of at least this many voxels (2 MB of float32, a core's L2 here);
+#: on smaller ones the lines are already in cache and the extra index arithmetic costs ~10 %.
+PREFETCH_MIN_VOXELS = 2 ** 19
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hint the CPU to bring the cache line of ``arr[idx]`` (1-D array) towards the core.
+
+    LLVM's ``llvm.prefetch`` (read, high locality, data): no effect on any result, never faults;
+    Numba offers no prefetch of its own.
+    """
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        byte_ptr = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        i32 = ir.IntType(32)
+        builder.call(fn, [builder.bitcast(builder.gep(ary.data, [args[1]]), byte_ptr), ir.Constant(i32, 0),
+                          ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, idx), codegen
 
 
 @njit(cache=True, fastmath=False)
@@ -65,17 +97,44 @@ def trilinear_inside(data, u, v, w):
     i = min(int(u), n0 - 2)
     j = min(int(v), n1 - 2)
     k = min(int(w), n2 - 2)
-    fu = u - i
-    fv = v - j
-    fw = w - k
-    c000 = data[i, j, k]
-    c001 = data[i, j, k + 1]
-    c010 = data[i, j + 1, k]
-    c011 = data[i, j + 1, k + 1]
-    c100 = data[i + 1, j, k]
-    c101 = data[i + 1, j, k + 1]
-    c110 = data[i + 1, j + 1, k]
-    c111 = data[i + 1, j + 1, k + 1]
+    return trilinear_mix(data[i, j, k], data[i, j, k + 1], data[i, j + 1, k], data[i, j + 1, k + 1],
+                         data[i + 1, j, k], data[i + 1, j, k + 1], data[i + 1, j + 1, k], data[i + 1, j + 1, k + 1],
+                         u - i, v - j, w - k)
+
+
+@njit(cache=True, fastmath=False)
+def trilinear_flat(flat, n1, n2, u, v, w, n0):
+    """:func:`trilinear_inside` on the C-order flattened image (n0, n1, n2): one offset for the
+    corner, no per-axis index arithmetic or negative-index handling per fetch (the hot path)."""
+    i = min(int(u), n0 - 2)
+    j = min(int(v), n1 - 2)
+    k = min(int(w), n2 - 2)
+    s0 = n1 * n2
+    b = uint64((i * n1 + j) * n2 + k)
+    return trilinear_mix(flat[b], flat[b + uint64(1)], flat[b + uint64(n2)], flat[b + uint64(n2 + 1)],
+                         flat[b + uint64(s0)], flat[b + uint64(s0 + 1)], flat[b + uint64(s0 + n2)],
+                         flat[b + uint64(s0 + n2 + 1)], u - i, v - j, w - k)
+
+
+@njit(cache=True, fastmath=False)
+def prefetch_cell(flat, n0, n1, n2, u, v, w):
+    """:func:`prefetch` the (up to) four cache lines of the trilinear cell at continuous index
+    (u, v, w) of the flattened image (n0, n1, n2); any (u, v, w) (clamped to the grid)."""
+    i = int(min(max(u, 0.0), n0 - 2.0))
+    j = int(min(max(v, 0.0), n1 - 2.0))
+    k = int(min(max(w, 0.0), n2 - 2.0))
+    s0 = n1 * n2
+    b = uint64((i * n1 + j) * n2 + k)
+    prefetch(flat, b)
+    prefetch(flat, b + uint64(n2))
+    prefetch(flat, b + uint64(s0))
+    prefetch(flat, b + uint64(s0 + n2))
+
+
+@njit(cache=True, fastmath=False)
+def trilinear_mix(c000, c001, c010, c011, c100, c101, c110, c111, fu, fv, fw):
+    """Trilinear value and gradient (per voxel index) from the 8 corners ``c<i><j><k>`` of a cell
+    and the fractions (fu, fv, fw) in [0, 1]: (value, du, dv, dw)."""
     # interpolate along w first
     c00 = c000 + fw * (c001 - c000)
     c01 = c010 + fw * (c011 - c010)
@@ -139,7 +198,9 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
     of its fixed bin, with weight ``w`` in [0, 1]: 1 inside the moving image, falling smoothly (C1)
     to 0 over the outermost voxel, 0 outside (points outside are left out, never zero-filled).
     What the gradient needs of each point is stored (one trilinear fetch per point and
-    evaluation: on a large moving image the fetches, not the arithmetic, dominate).
+    evaluation: on a large moving image the fetches, not the arithmetic, dominate; there the cell
+    of the point :data:`PREFETCH_AHEAD` ahead is prefetched, and points in the moving image's row
+    order, :func:`moving_row_order`, reuse cache lines).
 
     Parameters
     ----------
@@ -174,21 +235,38 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
     """
     n = points.shape[0]
     n0, n1, n2 = moving.shape
+    flat = moving.ravel()
+    mask_flat = mov_mask.ravel()
     n_chunks = (n + CHUNK - 1) // CHUNK
     size = n_fixed_bins * n_moving_bins
     partial = np.zeros((n_chunks, size))
     top = n_moving_bins - 3.0
+    m00, m01, m02, m03 = vox_mat[0, 0], vox_mat[0, 1], vox_mat[0, 2], vox_mat[0, 3]
+    m10, m11, m12, m13 = vox_mat[1, 0], vox_mat[1, 1], vox_mat[1, 2], vox_mat[1, 3]
+    m20, m21, m22, m23 = vox_mat[2, 0], vox_mat[2, 1], vox_mat[2, 2], vox_mat[2, 3]
+    ahead = PREFETCH_AHEAD if n0 * n1 * n2 >= PREFETCH_MIN_VOXELS else 0
     for c in prange(n_chunks):
         start = c * CHUNK
         stop = min(start + CHUNK, n)
         part = partial[c]
         for p in range(start, stop):
+            if ahead > 0:
+                q = min(p + ahead, n - 1)
+                x = points[q, 0]
+                y = points[q, 1]
+                z = points[q, 2]
+                u = m00 * x + m01 * y + m02 * z + m03
+                v = m10 * x + m11 * y + m12 * z + m13
+                w = m20 * x + m21 * y + m22 * z + m23
+                prefetch_cell(flat, n0, n1, n2, u, v, w)
+                if use_mask:
+                    prefetch_cell(mask_flat, n0, n1, n2, u, v, w)
             x = points[p, 0]
             y = points[p, 1]
             z = points[p, 2]
-            u = vox_mat[0, 0] * x + vox_mat[0, 1] * y + vox_mat[0, 2] * z + vox_mat[0, 3]
-            v = vox_mat[1, 0] * x + vox_mat[1, 1] * y + vox_mat[1, 2] * z + vox_mat[1, 3]
-            w = vox_mat[2, 0] * x + vox_mat[2, 1] * y + vox_mat[2, 2] * z + vox_mat[2, 3]
+            u = m00 * x + m01 * y + m02 * z + m03
+            v = m10 * x + m11 * y + m12 * z + m13
+            w = m20 * x + m21 * y + m22 * z + m23
             ru, dru = edge_ramp(u, n0)
             rv, drv = edge_ramp(v, n1)
             rw, drw = edge_ramp(w, n2)
@@ -197,7 +275,7 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
             gwv = ru * drv * rw
             gww = ru * rv * drw
             if use_mask and weight > 0.0:
-                mval, mdu, mdv, mdw = trilinear_inside(mov_mask, u, v, w)
+                mval, mdu, mdv, mdw = trilinear_flat(mask_flat, n1, n2, u, v, w, n0)
                 gwu = gwu * mval + weight * mdu
                 gwv = gwv * mval + weight * mdv
                 gww = gww * mval + weight * mdw
@@ -209,7 +287,7 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
                     mov_g[p, a] = 0.0
                     mov_gw[p, a] = 0.0
                 continue
-            val, du, dv, dw = trilinear_inside(moving, u, v, w)
+            val, du, dv, dw = trilinear_flat(flat, n1, n2, u, v, w, n0)
             mov_w[p] = weight
             mov_gw[p, 0] = gwu
             mov_gw[p, 1] = gwv
@@ -227,11 +305,11 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
             mov_c[p] = mc
             k0 = int(mc) - 1
             b0, b1, b2, b3 = bspline3_weights(mc - k0 - 1.0)
-            row = fixed_bins[p] * n_moving_bins + k0
+            row = uint64(fixed_bins[p] * n_moving_bins + k0)
             part[row] += weight * b0
-            part[row + 1] += weight * b1
-            part[row + 2] += weight * b2
-            part[row + 3] += weight * b3
+            part[row + uint64(1)] += weight * b1
+            part[row + uint64(2)] += weight * b2
+            part[row + uint64(3)] += weight * b3
     hist = np.zeros(size)
     for c in range(n_chunks):
         hist += partial[c]
@@ -259,6 +337,8 @@ def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox
     n = points.shape[0]
     n_chunks = (n + CHUNK - 1) // CHUNK
     partial = np.zeros((n_chunks, 12))
+    n_moving_bins = dtable.shape[1]
+    dflat = dtable.ravel()
     for c in prange(n_chunks):
         start = c * CHUNK
         stop = min(start + CHUNK, n)
@@ -267,40 +347,37 @@ def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox
             mc = mov_c[p]
             if not (mc == mc):
                 continue
-            f = fixed_bins[p]
             k0 = int(mc) - 1
             t = mc - k0 - 1.0
             b0, b1, b2, b3 = bspline3_weights(t)
             e0, e1, e2, e3 = bspline3_deriv_weights(t)
-            t0 = dtable[f, k0]
-            t1 = dtable[f, k0 + 1]
-            t2 = dtable[f, k0 + 2]
-            t3 = dtable[f, k0 + 3]
+            row = uint64(fixed_bins[p] * n_moving_bins + k0)
+            t0 = dflat[row]
+            t1 = dflat[row + uint64(1)]
+            t2 = dflat[row + uint64(2)]
+            t3 = dflat[row + uint64(3)]
             s0 = b0 * t0 + b1 * t1 + b2 * t2 + b3 * t3
             s1 = (e0 * t0 + e1 * t1 + e2 * t2 + e3 * t3) * mov_w[p]
-            # d(metric contribution)/d(moving voxel index)
+            # d(metric contribution)/d(moving voxel index); the chain rule to moving world mm
+            # (vox_lin^T) is linear, so it is applied once to the sum, not per point
             g0 = s1 * mov_g[p, 0] + s0 * mov_gw[p, 0]
             g1 = s1 * mov_g[p, 1] + s0 * mov_gw[p, 1]
             g2 = s1 * mov_g[p, 2] + s0 * mov_gw[p, 2]
-            # chain rule to moving world: vox_lin^T @ g
-            wx = vox_lin[0, 0] * g0 + vox_lin[1, 0] * g1 + vox_lin[2, 0] * g2
-            wy = vox_lin[0, 1] * g0 + vox_lin[1, 1] * g1 + vox_lin[2, 1] * g2
-            wz = vox_lin[0, 2] * g0 + vox_lin[1, 2] * g1 + vox_lin[2, 2] * g2
             x = points[p, 0]
             y = points[p, 1]
             z = points[p, 2]
-            a00 += wx * x
-            a01 += wx * y
-            a02 += wx * z
-            a03 += wx
-            a10 += wy * x
-            a11 += wy * y
-            a12 += wy * z
-            a13 += wy
-            a20 += wz * x
-            a21 += wz * y
-            a22 += wz * z
-            a23 += wz
+            a00 += g0 * x
+            a01 += g0 * y
+            a02 += g0 * z
+            a03 += g0
+            a10 += g1 * x
+            a11 += g1 * y
+            a12 += g1 * z
+            a13 += g1
+            a20 += g2 * x
+            a21 += g2 * y
+            a22 += g2 * z
+            a23 += g2
         q = partial[c]
         q[0], q[1], q[2], q[3] = a00, a01, a02, a03
         q[4], q[5], q[6], q[7] = a10, a11, a12, a13
@@ -308,18 +385,68 @@ def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox
     grad = np.zeros(12)
     for c in range(n_chunks):
         grad += partial[c]
-    return grad.reshape((3, 4))
+    out = np.zeros((3, 4))
+    for a in range(3):
+        for b in range(4):
+            out[a, b] = vox_lin[0, a] * grad[b] + vox_lin[1, a] * grad[4 + b] + vox_lin[2, a] * grad[8 + b]
+    return out
+
+
+@njit(cache=True, fastmath=False)
+def moving_row_order(points, vox_mat, n0, n1):
+    """Order (int64 permutation) that visits the points row by row of the moving image's storage.
+
+    Stable counting sort on the row (i, j) of each point's voxel (clamped to the grid) under
+    ``vox_mat`` (fixed world mm to moving voxel index, (3, 4)); within a row the points keep their
+    order. O(N + n0 n1), deterministic.
+    """
+    n = points.shape[0]
+    key = np.empty(n, dtype=np.int64)
+    start = np.zeros(n0 * n1 + 1, dtype=np.int64)
+    for p in range(n):
+        x = points[p, 0]
+        y = points[p, 1]
+        z = points[p, 2]
+        u = vox_mat[0, 0] * x + vox_mat[0, 1] * y + vox_mat[0, 2] * z + vox_mat[0, 3]
+        v = vox_mat[1, 0] * x + vox_mat[1, 1] * y + vox_mat[1, 2] * z + vox_mat[1, 3]
+        i = int(min(max(u, 0.0), n0 - 1.0))
+        j = int(min(max(v, 0.0), n1 - 1.0))
+        key[p] = i * n1 + j
+        start[key[p] + 1] += 1
+    for r in range(n0 * n1):
+        start[r + 1] += start[r]
+    order = np.empty(n, dtype=np.int64)
+    for p in range(n):
+        order[start[key[p]]] = p
+        start[key[p]] += 1
+    return order
 
 
 #: Below this many sample points the serial builds are used: waking the thread pool costs more
 #: than the work (the coarsest level and the global search evaluate a few thousand points).
 SERIAL_BELOW = 20000
 
-# Serial builds of the same functions (prange runs as range); identical results, no thread wake-up.
-# They release the GIL, so independent evaluations can run concurrently in Python threads
-# (:func:`regkl.histogram.serial_kernels`).
-joint_histogram_serial = njit(cache=True, fastmath=False, nogil=True)(joint_histogram.py_func)
-matrix_gradient_serial = njit(cache=True, fastmath=False, nogil=True)(matrix_gradient.py_func)
+def serial_twin(kernel):
+    """A serial, GIL-releasing build of a ``parallel=True`` kernel (prange runs as range; identical
+    results, no thread wake-up).
+
+    Built from a copy of the Python function under its own name ``<name>_serial``: Numba's on-disk
+    cache files are named by the function's qualified name and first line, and their keys do not
+    include the compile flags, so a twin built from the same function object shares the parallel
+    build's cache entry, and whichever was compiled first is what both load in later processes.
+    """
+    fn = kernel.py_func
+    twin = types_module.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                                     fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    twin.__doc__ = fn.__doc__
+    return njit(cache=True, fastmath=False, nogil=True)(twin)
+
+
+# Serial builds of the histogram kernels: they release the GIL, so independent evaluations can run
+# concurrently in Python threads (:func:`regkl.histogram.serial_kernels`).
+joint_histogram_serial = serial_twin(joint_histogram)
+matrix_gradient_serial = serial_twin(matrix_gradient)
 
 
 @njit(cache=True, parallel=True, fastmath=False)
@@ -512,8 +639,8 @@ def block_mean(data, f0, f1, f2):
 
 
 # Serial twins of the moments and block-mean kernels (see joint_histogram_serial above).
-weighted_moments_serial = njit(cache=True, fastmath=False, nogil=True)(weighted_moments.py_func)
-block_mean_serial = njit(cache=True, fastmath=False, nogil=True)(block_mean.py_func)
+weighted_moments_serial = serial_twin(weighted_moments)
+block_mean_serial = serial_twin(block_mean)
 
 
 def warm_up():
@@ -535,5 +662,6 @@ def warm_up():
         hist_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c, g, w, gw, data, False)
         grad_fn(bins, pts, c, g, w, gw, np.zeros((8, 8)), mat[:3, :3].copy())
     joint_histograms(bins, pts, data, mat[None, :3].copy(), 0.0, 1.0, 8, 8, data, False)
+    moving_row_order(pts, mat[:3].copy(), 2, 2)
     for moments_fn in (weighted_moments, weighted_moments_serial):
         moments_fn(pts, np.zeros(1), data, mat[:3].copy(), 0.0, 1.0)

@@ -305,8 +305,10 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
     radius = float(np.sqrt(np.mean(np.sum((pts_fine - centre) ** 2, axis=1)))) if len(pts_fine) else 50.0
     radius = max(radius, 10.0)
 
-    def objective(level, mdl, step_tol=STEP_TOL, max_points=None):
+    def objective(level, mdl, step_tol=STEP_TOL, max_points=None, order_at=None):
         samples = level.samples if max_points is None else histogram.thinned(level.samples, max_points)
+        if order_at is not None:  # a level's optimisation: points in the moving image's storage order
+            samples = histogram.in_moving_order(samples, level.moving, order_at)
         # the overlap floor scales with the points kept
         min_valid = max(64, int(level.min_valid * len(samples.points) / max(len(level.samples.points), 1)))
         return _Objective(samples, level.moving, mdl, metric_fn, centre, mdl.scales(radius), deadline,
@@ -333,7 +335,7 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
         out = []
         for level in lvls[first:]:
             tl = time.perf_counter()
-            obj = objective(level, mdl)
+            obj = objective(level, mdl, order_at=mdl.matrix(params, centre))
             start_value = obj.metric_at(params)[0]
             initial = obj.metric_at(mdl.from_matrix(start, centre))[0]
             params, end_value, res = _lbfgs(obj, params, max_iter)
