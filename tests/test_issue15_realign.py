@@ -302,7 +302,7 @@ def test_realign_reference_and_prefix_edge_cases(small_series, tmp_path, capfd):
     for args, words in (([str(series), "--reference", str(series)], "is a 4D series of 3 volumes"),
                         ([str(series), "--reference", " "], "must not be empty"),
                         ([str(series), "--confounds", str(tmp_path / "a.tsv"), "--xfm", str(tmp_path / "a.tsv")],
-                         f"{tmp_path / 'a.tsv'}: two outputs name this file")):
+                         f"{tmp_path / 'a.tsv'}: two outputs name the same file")):
         code, err = _run(["realign", *args, "--prefix", str(tmp_path / "x"), "-q"], capfd)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and words in lines[0], (args, err)

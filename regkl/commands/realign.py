@@ -94,7 +94,7 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
     seen = set()
     for p in (output, confounds, xfm, boldref, par, qc_out):
         if p and os.path.abspath(p) in seen:
-            raise click.UsageError(f"{p}: two outputs name this file; give each output its own name")
+            raise click.UsageError(f"{p}: two outputs name the same file; give each output its own name")
         seen.add(os.path.abspath(p) if p else None)
     for out in (output, confounds, xfm, boldref, par, qc_out):
         check_output(out, inputs)
