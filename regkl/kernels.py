@@ -514,6 +514,9 @@ def block_mean(data, f0, f1, f2):
 # Serial twins of the moments and block-mean kernels (see joint_histogram_serial above).
 weighted_moments_serial = njit(cache=True, fastmath=False, nogil=True)(weighted_moments.py_func)
 block_mean_serial = njit(cache=True, fastmath=False, nogil=True)(block_mean.py_func)
+# Serial twins of the resampling kernels (the volumes of a series resampled in a thread pool).
+resample_linear_serial = njit(cache=True, fastmath=False, nogil=True)(resample_linear.py_func)
+resample_nearest_serial = njit(cache=True, fastmath=False, nogil=True)(resample_nearest.py_func)
 
 
 def warm_up():

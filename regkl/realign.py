@@ -21,6 +21,7 @@ from .metrics import get_metric
 from .motion import framewise_displacement, non_steady_volumes
 from .objective import NO_OVERLAP_VALUE, MIN_OVERLAP, STEP_TOL, _lbfgs, _Objective
 from .resample import resample
+from .stack_kernels import median_of_volumes
 from .transforms import get_model
 from .volume import Volume
 
@@ -255,7 +256,7 @@ def _reference_volume(volumes, usable, reference, n_skip):
             raise InputError(f"reference volume {int(reference) % n} is constant (empty or not-a-number)",
                              path=volumes[0].name)
         return volumes[reference].with_data(volumes[reference].data, note=f"volume {int(reference) % n}")
-    reducers = {"mean": lambda a: np.mean(a, axis=0, dtype=np.float64), "median": lambda a: np.median(a, axis=0)}
+    reducers = {"mean": lambda a: np.mean(a, axis=0, dtype=np.float64), "median": median_of_volumes}
     if reference not in reducers:
         raise InputError(f"unknown reference {reference!r}; choose auto, mean, median, a volume index or a "
                          "3D image")
@@ -274,9 +275,27 @@ def _fill_flagged(matrices, usable):
     return np.stack(out)
 
 
-def realigned_volumes(volumes, grid: Volume, ref2volume, *, interp: str = "linear") -> list:
-    """Every volume resampled on ``grid`` through its ``ref2volume`` matrix (one resampling)."""
-    return [resample(v, grid, m, interp=interp).data for v, m in zip(volumes, ref2volume)]
+def realigned_volumes(volumes, grid: Volume, ref2volume, *, interp: str = "linear", threads: int = 1) -> np.ndarray:
+    """Every volume resampled on ``grid`` through its ``ref2volume`` matrix (one resampling).
+
+    Returns
+    -------
+    ndarray (T, I, J, K), float32
+        Volume ``t`` is ``resample(volumes[t], grid, ref2volume[t], interp=interp)``; ``threads``
+        volumes at a time (serial kernels; identical results).
+    """
+    out = np.empty((len(volumes),) + tuple(grid.shape), dtype=np.float32)
+
+    def one(t):
+        out[t] = resample(volumes[t], grid, ref2volume[t], interp=interp, serial=True).data
+
+    if threads <= 1 or len(volumes) < 2:
+        for t in range(len(volumes)):
+            one(t)
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(one, range(len(volumes))))
+    return out
 
 
 #: Fewest finite voxels a volume needs to be realigned (as for registration, see regkl.io).
@@ -400,8 +419,9 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
     matrices = _fill_flagged([res[t][0] if ok[t] else np.eye(4) for t in range(len(volumes))], ok)
     passes = 1
     if two_pass:
-        aligned = realigned_volumes(volumes, out_grid, matrices, interp="cubic")
-        mean = np.mean(np.stack([a for a, g in zip(aligned, ok) if g]), axis=0, dtype=np.float64)
+        aligned = realigned_volumes([volumes[t] for t in range(len(volumes)) if ok[t]], out_grid, matrices[np.asarray(ok)],
+                                    interp="cubic", threads=threads)
+        mean = np.mean(aligned, axis=0, dtype=np.float64)
         target = out_grid.with_data(mean.astype(np.float32), note="mean of the realigned series")
         second = one_pass(target, list(matrices), len(spacings) - 1, "pass 2")
         for t, r in second.items():
@@ -413,9 +433,8 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
     params = np.stack([model.from_matrix(m, centre) for m in matrices])
     values = np.array([res[t][1] if ok[t] else np.nan for t in range(len(volumes))])
     keep = [t for t in range(len(volumes)) if ok[t] and t >= n_skip] or [t for t in range(len(volumes)) if ok[t]]
-    aligned = realigned_volumes([volumes[t] for t in keep], out_grid, matrices[keep])
-    boldref = out_grid.with_data(np.median(np.stack(aligned), axis=0).astype(np.float32),
-                                 note=f"median of {len(keep)} realigned volumes")
+    aligned = realigned_volumes([volumes[t] for t in keep], out_grid, matrices[keep], threads=threads)
+    boldref = out_grid.with_data(median_of_volumes(aligned), note=f"median of {len(keep)} realigned volumes")
     for t, f in enumerate(flags):
         if f:
             say(f"volume {t}: {FLAGS[f]}")
@@ -430,7 +449,8 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
 
 
 def write_outputs(result: RealignResult, volumes, *, confounds=None, xfm=None, boldref=None, par=None,
-                  realigned=None, interp: str = "linear", qc=None, like=None, zooms_t=None, protect=()) -> None:
+                  realigned=None, interp: str = "linear", qc=None, like=None, zooms_t=None, protect=(),
+                  threads: int = 1) -> None:
     """Write the motion outputs of a realignment, all or none (:func:`regkl.outputs.output_group`).
 
     Parameters
@@ -454,6 +474,8 @@ def write_outputs(result: RealignResult, volumes, *, confounds=None, xfm=None, b
         Image whose NIfTI header the images keep; ``zooms_t`` the repetition time to keep.
     protect : iterable of paths
         Inputs never to overwrite.
+    threads : int
+        Volumes of ``realigned`` resampled concurrently.
     """
     from .outputs import atomic_path, output_group
     from .writers import save_array, save_volume
@@ -474,7 +496,8 @@ def write_outputs(result: RealignResult, volumes, *, confounds=None, xfm=None, b
         if boldref:
             save_volume(result.boldref, boldref, like=like, protect=protect)
         if realigned:
-            data = np.stack(realigned_volumes(volumes, result.boldref, result.ref2volume, interp=interp), axis=-1)
+            data = np.moveaxis(realigned_volumes(volumes, result.boldref, result.ref2volume, interp=interp,
+                                                 threads=threads), 0, -1)
             save_array(data, result.boldref.vox2ras, realigned, like=like, protect=protect, zooms_t=zooms_t)
         if qc:
             fd = result.framewise_displacement
@@ -514,7 +537,8 @@ def realign_file(series, *, confounds=None, xfm=None, boldref=None, par=None, re
         options["reference"] = load_volume(reference)
     result = realign(volumes, log=log, **options)
     write_outputs(result, volumes, confounds=confounds, xfm=xfm, boldref=boldref, par=par, realigned=realigned,
-                  interp=interp, qc=qc, like=volumes[0], zooms_t=tr, protect=protect)
+                  interp=interp, qc=qc, like=volumes[0], zooms_t=tr, protect=protect,
+                  threads=options.get("threads", 1))
     return result
 
 
