@@ -1,7 +1,9 @@
 """Numba kernels over a stack of volumes (the volumes of a series): per-voxel median.
 
-Small pure functions, no checking; call them through :func:`median_of_volumes`. Each voxel's
-result depends only on its own values, so results do not depend on the thread count.
+Small pure functions, no checking; call them through :func:`median_of_volumes`. Serial kernels
+that release the GIL, run over voxel ranges in a thread pool (no Numba threading layer to start:
+realign needs none). Each voxel's result depends only on its own values, so results do not
+depend on the thread count.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from . import numba_cache
 
 numba_cache.ensure_usable()  # before the first @njit(cache=True): a read-only install must still run
 
-from numba import njit, prange  # noqa: E402
+from numba import njit  # noqa: E402
 
 #: Voxels gathered per chunk of the median (their values over the volumes then sit together in memory).
 MEDIAN_CHUNK = 256
@@ -55,22 +57,20 @@ def _select(a, k):
             hi = j - 1
 
 
-@njit(cache=True, parallel=True, fastmath=False)
-def median_over_first_axis(stack):
-    """Median over axis 0 of a float32 (T, N) array, as :func:`numpy.median` gives it: the middle
-    value, or for even T the float32 mean of the two middle values; NaN where any value is NaN."""
-    t_count, n = stack.shape
-    out = np.empty(n, dtype=np.float32)
-    n_chunks = (n + MEDIAN_CHUNK - 1) // MEDIAN_CHUNK
+@njit(cache=True, nogil=True, fastmath=False)
+def median_over_first_axis(stack, out, start, stop):
+    """``out[v]`` = median over axis 0 of the float32 (T, N) ``stack`` for voxels ``start <= v < stop``,
+    as :func:`numpy.median` gives it: the middle value, or for even T the float32 mean of the two
+    middle values; NaN where any value is NaN. Serial, releases the GIL (voxel ranges run in threads)."""
+    t_count = stack.shape[0]
     half = t_count // 2
-    for c in prange(n_chunks):
-        start = c * MEDIAN_CHUNK
-        stop = min(start + MEDIAN_CHUNK, n)
-        buf = np.empty((stop - start, t_count), dtype=np.float32)
+    buf = np.empty((MEDIAN_CHUNK, t_count), dtype=np.float32)
+    for first in range(start, stop, MEDIAN_CHUNK):
+        last = min(first + MEDIAN_CHUNK, stop)
         for t in range(t_count):
-            for v in range(start, stop):
-                buf[v - start, t] = stack[t, v]
-        for v in range(stop - start):
+            for v in range(first, last):
+                buf[v - first, t] = stack[t, v]
+        for v in range(last - first):
             row = buf[v]
             has_nan = False
             for t in range(t_count):
@@ -78,28 +78,33 @@ def median_over_first_axis(stack):
                     has_nan = True
                     break
             if has_nan:
-                out[start + v] = np.float32(np.nan)
+                out[first + v] = np.float32(np.nan)
                 continue
             _select(row, half)
             upper = row[half]
             if t_count % 2 == 1:
-                out[start + v] = upper
+                out[first + v] = upper
             else:
                 lower = row[0]
                 for t in range(1, half):  # after the selection, row[:half] holds the smaller half
                     if row[t] > lower:
                         lower = row[t]
-                out[start + v] = np.float32(lower + upper) / np.float32(2.0)
-    return out
+                out[first + v] = np.float32(lower + upper) / np.float32(2.0)
 
 
-def median_of_volumes(stack: np.ndarray) -> np.ndarray:
+#: Voxels per task when the median runs in several threads.
+MEDIAN_TASK = 16384
+
+
+def median_of_volumes(stack: np.ndarray, threads: int = 1) -> np.ndarray:
     """Per-voxel median over the volumes of a stack, equal to ``np.median(stack, axis=0)``.
 
     Parameters
     ----------
     stack : ndarray (T, I, J, K), float32
         T >= 1 volumes on one grid.
+    threads : int
+        Voxel ranges computed concurrently (each voxel's result is the same whatever the count).
 
     Returns
     -------
@@ -109,4 +114,15 @@ def median_of_volumes(stack: np.ndarray) -> np.ndarray:
     stack = np.ascontiguousarray(stack, dtype=np.float32)
     if stack.ndim < 2 or stack.shape[0] < 1:
         raise ValueError(f"need a stack of at least one volume, got shape {stack.shape}")
-    return median_over_first_axis(stack.reshape(stack.shape[0], -1)).reshape(stack.shape[1:])
+    flat = stack.reshape(stack.shape[0], -1)
+    n = flat.shape[1]
+    out = np.empty(n, dtype=np.float32)
+    starts = range(0, n, MEDIAN_TASK)
+    if threads <= 1 or n <= MEDIAN_TASK:
+        median_over_first_axis(flat, out, 0, n)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(lambda a: median_over_first_axis(flat, out, a, min(a + MEDIAN_TASK, n)), starts))
+    return out.reshape(stack.shape[1:])

@@ -32,20 +32,16 @@ def test_median_of_volumes_equals_numpy_median_exactly(n):
     assert np.isnan(got[5, 0, 0])
 
 
-def test_median_of_volumes_same_at_any_thread_count():
-    import numba
+def test_median_of_volumes_same_at_any_thread_count(monkeypatch):
+    import regkl.stack_kernels as sk
 
+    monkeypatch.setattr(sk, "MEDIAN_TASK", 100)  # many voxel ranges even on a small stack
     rng = np.random.default_rng(1)
     stack = rng.normal(size=(41, 17, 19, 5)).astype(np.float32)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = median_of_volumes(stack)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = median_of_volumes(stack)
-    finally:
-        numba.set_num_threads(before)
-    np.testing.assert_array_equal(one, two)
+    one = median_of_volumes(stack, threads=1)
+    np.testing.assert_array_equal(one, np.median(stack, axis=0))
+    for threads in (2, 3):
+        np.testing.assert_array_equal(median_of_volumes(stack, threads=threads), one)
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +85,14 @@ def test_realigned_volumes_parallel_equal_one_by_one():
         for threads in (1, 2):
             got = realigned_volumes(vols, grid, mats, interp=interp, threads=threads)
             np.testing.assert_array_equal(got, want)
+
+
+def test_cli_sampling_default_is_the_library_default():
+    from regkl.commands.realign import realign_cmd
+    from regkl.realign import SAMPLING, realign
+
+    option = next(p for p in realign_cmd.params if p.name == "sampling")
+    assert option.default == SAMPLING
+    import inspect
+
+    assert inspect.signature(realign).parameters["sampling"].default == SAMPLING
