@@ -10,8 +10,9 @@ transform, after fitting the one rigid frame that relates each tool's reference 
 (:func:`regkl.synthetic_motion.motion_errors`; the same fit for every tool).
 
 Also times the whole `regkl realign` command (subprocess: start-up, reading, estimation,
-parameters, transforms, boldref; no series output) on a 200-volume 64x64x36 series, and prints
-the machine's load beside it (the machine may be shared).
+parameters, transforms, boldref; no series output) on a 200-volume 64x64x36 series: the median of
+``--repeats`` runs (default 5) with the machine's load beside each (the machine may be shared), and
+a breakdown by phase (``--timing-only`` skips the accuracy series).
 
 Run ``python benchmarks/bench_realign.py --help``.
 """
@@ -79,22 +80,57 @@ def stats(err):
     return f"{np.median(err):8.3f} {np.percentile(err, 95):8.3f} {err.max():8.3f}"
 
 
-def time_command(n, threads, tmp):
-    """Seconds of the whole `regkl realign` command on an n-volume 64x64x36 series, and the load."""
+def timing_series(n, tmp):
+    """Path of an n-volume 64x64x36 float32 series with motion and noise (~107 MB .nii.gz for 200)."""
     vols, _, _ = make_series("epi", 99, n, shape=(64, 64, 36))
     path = Path(tmp) / "timing_bold.nii.gz"
     save_series(vols, path)
+    return path
+
+
+def time_command(path, threads, tmp, repeats=5):
+    """[(seconds, 1-min load)] of the whole `regkl realign` command (a subprocess: start-up, imports,
+    reading, estimation, parameters, transforms, boldref; no series output), after one warm-up run
+    (Numba cache, page cache)."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     cmd = [sys.executable, "-m", "regkl.cli", "realign", str(path), "--prefix", str(Path(tmp) / "timing"),
            "--threads", str(threads), "-q"]
-    subprocess.run(cmd, check=True, env=env)  # warm the Numba cache and the page cache
+    subprocess.run(cmd, check=True, env=env)
     times = []
-    for _ in range(3):
+    for _ in range(repeats):
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, env=env)
         times.append((time.perf_counter() - t0, load))
     return times
+
+
+def time_phases(path, threads, tmp):
+    """{phase: seconds} of one realignment of ``path``: imports (a fresh interpreter), reading, the
+    estimation, the rest of :func:`regkl.realign.realign` (reference, boldref) and writing."""
+    from regkl.realign import load_series_for_realign, write_outputs
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    code = ("import time; t = time.perf_counter(); import regkl.cli, regkl.commands.realign, regkl.realign; "
+            "print(time.perf_counter() - t)")
+    phases = {"start-up and imports (fresh interpreter)": float(
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True).stdout)}
+    t0 = time.perf_counter()
+    volumes, tr, _ = load_series_for_realign(path)
+    phases["read the series"] = time.perf_counter() - t0
+    passes = []
+    t0 = time.perf_counter()
+    res = realign(volumes, threads=threads, log=lambda m: passes.append(float(m.rsplit(" in ", 1)[1].split()[0]))
+                  if m.startswith("pass") else None)
+    total = time.perf_counter() - t0
+    phases["estimation (pass 1)"] = sum(passes)
+    phases["reference, boldref (resampling, median)"] = total - sum(passes)
+    t0 = time.perf_counter()
+    out = Path(tmp) / "phases"
+    write_outputs(res, volumes, confounds=f"{out}_motion.tsv", xfm=f"{out}_hmc_xfm.txt",
+                  boldref=f"{out}_boldref.nii.gz", like=volumes[0], zooms_t=tr, threads=threads)
+    phases["write parameters, transforms, boldref"] = time.perf_counter() - t0
+    return phases
 
 
 def register_comparison(n_series, n_volumes, threads, first_seed=500):
@@ -161,6 +197,8 @@ def main(argv=None):
     ap.add_argument("--variants", action="store_true", help="also regkl's other costs and reference/pass options "
                     "on the first series")
     ap.add_argument("--timing", type=int, default=200, help="volumes of the timed series (0: skip)")
+    ap.add_argument("--timing-only", action="store_true", help="only the command timing (no accuracy series)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of the whole command (median printed)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--register", type=int, default=0, help="EPI->T1 from mean vs realigned boldref on N moving "
                     "and N still series (only this part runs)")
@@ -173,12 +211,14 @@ def main(argv=None):
     if args.register:
         register_comparison(args.register, args.register_volumes, args.threads, args.register_seed)
         return
+    if args.timing_only:
+        args.series = ""
     print(f"# bench_realign (regkl {regkl.__version__}): {args.volumes} volumes per series, {args.threads} threads, "
           f"load {os.getloadavg()[0]:.1f} at start")
     print(f"{'series':10s} {'tool':28s} {'median':>8s} {'p95':>8s} {'max':>8s} {'seconds':>8s}")
     all_err = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for si, spec in enumerate(args.series.split(",")):
+        for si, spec in enumerate(s for s in args.series.split(",") if s):
             kind, seed = spec.split(":")
             vols, mats, pts = make_series(kind, int(seed), args.volumes)
             variants = [("regkl (default)", {})]
@@ -205,9 +245,22 @@ def main(argv=None):
             err = np.concatenate(errs)
             print(f"{'all':10s} {name:28s} {stats(err)} {'':>8s}  ({len(errs)} series, {len(err)} volumes)")
         if args.timing:
-            for seconds, load in time_command(args.timing, args.threads, tmp):
-                print(f"# whole command, {args.timing} volumes 64x64x36, --threads {args.threads}: "
-                      f"{seconds:.2f} s (1-min load average {load:.1f} on {os.cpu_count()} cores)")
+            timing(args.timing, args.threads, args.repeats, tmp)
+
+
+def timing(n, threads, repeats, tmp):
+    """Print the whole command's median time over ``repeats`` runs, each run with the load, and a breakdown."""
+    path = timing_series(n, tmp)
+    runs = time_command(path, threads, tmp, repeats)
+    for seconds, load in runs:
+        print(f"# whole command, {n} volumes 64x64x36, --threads {threads}: {seconds:.2f} s (1-min load average "
+              f"{load:.1f} on {os.cpu_count()} cores)")
+    print(f"# whole command: median {np.median([s for s, _ in runs]):.2f} s over {len(runs)} runs (goal < 5 s on 2 "
+          f"idle cores)")
+    print("# breakdown (one run in this process, same series):")
+    for phase, seconds in time_phases(path, threads, tmp).items():
+        print(f"#   {phase:45s} {seconds:6.2f} s")
+    print(f"# 1-min load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -515,7 +515,7 @@ def warm_up():
     """Load the kernels realignment uses (cost 'nc'/'ls') on tiny inputs: Numba's one-off start-up
     cost, safe in a background thread while the series is read."""
     from . import kernels
-    from .stack_kernels import median_over_first_axis
+    from .stack_kernels import correlate_nearest, median_over_first_axis
 
     data = np.zeros((2, 2, 2), dtype=np.float32)
     mat = np.eye(4)
@@ -523,6 +523,7 @@ def warm_up():
     kernels.weighted_moments_serial(np.zeros((1, 3)), np.zeros(1), data, mat[:3].copy(), 0.0, 1.0)
     kernels.resample_linear_serial(data, mat, 1, 1, 1, np.float32(0.0))
     median_over_first_axis(np.zeros((3, 1), dtype=np.float32), np.empty(1, dtype=np.float32), 0, 1)
+    correlate_nearest(data, np.array([0.25, 0.5, 0.25]), 0)
 
 
 def load_series_for_realign(path):

@@ -1,6 +1,8 @@
-"""Numba kernels over a stack of volumes (the volumes of a series): per-voxel median.
+"""Numba kernels for the volumes of a series: per-voxel median over a stack, and separable
+smoothing that releases the GIL (the per-volume pyramids of :mod:`regkl.realign`).
 
-Small pure functions, no checking; call them through :func:`median_of_volumes`. Serial kernels
+Small pure functions, no checking; call them through :func:`median_of_volumes` and
+:func:`regkl.pyramid.smooth_variance` (``serial=True``). Serial kernels
 that release the GIL, run over voxel ranges in a thread pool (no Numba threading layer to start:
 realign needs none). Each voxel's result depends only on its own values, so results do not
 depend on the thread count.
@@ -126,3 +128,41 @@ def median_of_volumes(stack: np.ndarray, threads: int = 1) -> np.ndarray:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(lambda a: median_over_first_axis(flat, out, a, min(a + MEDIAN_TASK, n)), starts))
     return out.reshape(stack.shape[1:])
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def correlate_nearest(data, weights, axis):
+    """:func:`scipy.ndimage.correlate1d` of a float32 (I, J, K) array with a SYMMETRIC odd-length
+    float64 kernel along ``axis``, mode 'nearest' (the edge voxel repeated), float32 out, summed in
+    the same order as SciPy (centre first, then the pairs from the outermost in), so the results are
+    identical. Serial and releases the GIL (SciPy's filters hold it), for volumes in a thread pool."""
+    n0, n1, n2 = data.shape
+    r = weights.shape[0] // 2
+    out = np.empty((n0, n1, n2), dtype=np.float32)
+    n = data.shape[axis]
+    line = np.empty(n + 2 * r)
+    m0, m1 = (n1, n2) if axis == 0 else ((n0, n2) if axis == 1 else (n0, n1))
+    for a in range(m0):
+        for b in range(m1):
+            for i in range(n):
+                if axis == 0:
+                    line[r + i] = data[i, a, b]
+                elif axis == 1:
+                    line[r + i] = data[a, i, b]
+                else:
+                    line[r + i] = data[a, b, i]
+            for i in range(r):
+                line[i] = line[r]
+                line[r + n + i] = line[r + n - 1]
+            for i in range(n):
+                c = r + i
+                acc = line[c] * weights[r]
+                for j in range(r, 0, -1):
+                    acc += (line[c - j] + line[c + j]) * weights[r - j]
+                if axis == 0:
+                    out[i, a, b] = acc
+                elif axis == 1:
+                    out[a, i, b] = acc
+                else:
+                    out[a, b, i] = acc
+    return out
