@@ -108,13 +108,16 @@ def time_command(path, threads, tmp, repeats=5):
 def time_phases(path, threads, tmp):
     """{phase: seconds} of one realignment of ``path``: imports (a fresh interpreter), reading, the
     estimation, the rest of :func:`regkl.realign.realign` (reference, boldref) and writing."""
-    from regkl.realign import load_series_for_realign, write_outputs
+    from regkl.realign import load_series_for_realign, warm_up, write_outputs
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     code = ("import time; t = time.perf_counter(); import regkl.cli, regkl.commands.realign, regkl.realign; "
             "print(time.perf_counter() - t)")
     phases = {"start-up and imports (fresh interpreter)": float(
         subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True).stdout)}
+    t0 = time.perf_counter()
+    warm_up()
+    phases["Numba kernels' start-up (the command overlaps it with reading)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     volumes, tr, _ = load_series_for_realign(path)
     phases["read the series"] = time.perf_counter() - t0
@@ -124,7 +127,7 @@ def time_phases(path, threads, tmp):
                   if m.startswith("pass") else None)
     total = time.perf_counter() - t0
     phases["estimation (pass 1)"] = sum(passes)
-    phases["reference, boldref (resampling, median)"] = total - sum(passes)
+    phases["rest of realign(): reference, sample points, boldref"] = total - sum(passes)
     t0 = time.perf_counter()
     out = Path(tmp) / "phases"
     write_outputs(res, volumes, confounds=f"{out}_motion.tsv", xfm=f"{out}_hmc_xfm.txt",
@@ -135,8 +138,8 @@ def time_phases(path, threads, tmp):
 
 def register_comparison(n_series, n_volumes, threads, first_seed=500):
     """EPI -> T1 error (mm, brain RMS) of `regkl register` from the plain mean, from the realigned
-    boldref (median of the realigned steady-state volumes) and from the mean of the same realigned
-    volumes, on moving and on still synthetic series (MI, rigid, default settings); per kind, the
+    boldref (median of the realigned steady-state volumes), from the mean of the same realigned
+    volumes and from their median resampled with cubic splines instead of trilinearly, on moving and on still synthetic series (MI, rigid, default settings); per kind, the
     paired differences against the plain mean (mean +- standard error over the series).
 
     Truth: a still series (every volume through one random rigid pose P) has P for every reference.
@@ -146,12 +149,13 @@ def register_comparison(n_series, n_volumes, threads, first_seed=500):
     """
     from regkl.optimize import register
     from regkl.realign import realigned_volumes
+    from regkl.stack_kernels import median_of_volumes
 
     template = synthetic.load_template(SHARED)
     t1 = synthetic.make_t1(template)
     pts = synthetic.brain_points(template, step_vox=3)
     centre = pts.mean(axis=0)
-    names = ("mean", "realigned", "realigned-mean")
+    names = ("mean", "realigned", "realigned-mean", "realigned-cubic")
     rows = {}
     for i in range(n_series):
         for kind in ("moving", "still"):
@@ -166,20 +170,24 @@ def register_comparison(n_series, n_volumes, threads, first_seed=500):
             aligned = realigned_volumes([vols[t] for t in keep], res.boldref, res.ref2volume[keep], threads=threads)
             references = {"mean": vols[0].with_data(np.mean(np.stack([v.data for v in vols]), axis=0)),
                           "realigned": res.boldref,
-                          "realigned-mean": res.boldref.with_data(np.mean(aligned, axis=0, dtype=np.float64))}
+                          "realigned-mean": res.boldref.with_data(np.mean(aligned, axis=0, dtype=np.float64)),
+                          "realigned-cubic": res.boldref.with_data(median_of_volumes(realigned_volumes(
+                              [vols[t] for t in keep], res.boldref, res.ref2volume[keep], interp="cubic",
+                              threads=threads), threads))}
             median_pose = sm._kabsch(pts, np.median(np.stack([sm.apply_matrix(m, pts) for m in mats_fixed]), 0))
-            truths = {"mean": median_pose, "realigned": mats_fixed[r], "realigned-mean": mats_fixed[r]}
+            truths = {name: mats_fixed[r] for name in names}
+            truths["mean"] = median_pose
             for name in names:
                 est = register(references[name], t1, seed=0).fixed2moving
                 err = float(np.sqrt(np.mean(np.sum((sm.apply_matrix(est, pts) - sm.apply_matrix(truths[name], pts))
                                                    ** 2, axis=1))))
                 rows.setdefault((kind, name), []).append(err)
-                print(f"register {kind:6s} series {i}: --moving-volume {name:14s} error {err:.3f} mm", flush=True)
+                print(f"register {kind:6s} series {i}: --moving-volume {name:15s} error {err:.3f} mm", flush=True)
     for kind in ("moving", "still"):
         base = np.array(rows[(kind, "mean")])
         for name in names:
             errs = np.array(rows[(kind, name)])
-            line = (f"register {kind:6s} {name:14s} median {np.median(errs):.3f} mean {errs.mean():.3f} "
+            line = (f"register {kind:6s} {name:15s} median {np.median(errs):.3f} mean {errs.mean():.3f} "
                     f"max {errs.max():.3f} mm")
             if name != "mean":
                 d = errs - base
@@ -259,7 +267,7 @@ def timing(n, threads, repeats, tmp):
           f"idle cores)")
     print("# breakdown (one run in this process, same series):")
     for phase, seconds in time_phases(path, threads, tmp).items():
-        print(f"#   {phase:45s} {seconds:6.2f} s")
+        print(f"#   {phase:64s} {seconds:6.2f} s")
     print(f"# 1-min load average after: {os.getloadavg()[0]:.1f}")
 
 
