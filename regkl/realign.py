@@ -112,6 +112,7 @@ class _MomentObjective:
         self.tol_mm = tol_mm
         self.evaluations = 0
         self.min_weight = max(64.0, MIN_OVERLAP * len(samples.points))
+        self._values = {}  # metric_at's values by parameters: the optimiser's start is a candidate already valued
 
     def _evaluate(self, params):
         value, gmat, weight = moments.evaluate(self.cost, self.samples, self.moving,
@@ -121,7 +122,12 @@ class _MomentObjective:
         return value, gmat
 
     def metric_at(self, params):
-        return self._evaluate(params)[0], None, None
+        key = np.asarray(params, dtype=np.float64).tobytes()
+        if key not in self._values:
+            if len(self._values) >= 4:
+                self._values.clear()
+            self._values[key] = self._evaluate(params)[0]
+        return self._values[key], None, None
 
     def __call__(self, q):
         self.evaluations += 1
@@ -199,16 +205,20 @@ def _register_block(indices, fixed, volumes, starts, cost, centre, scales, max_i
         for t in indices:
             levels = _moving_levels(volumes[t], spacings[first_level:], cost, value_range)
             levels = [None] * first_level + levels
-            coarse = _objective(cost, fixed[first_level], levels[first_level], model, centre, scales)
+            # candidates valued on the first level's objective, which keeps the values for the optimiser's start
+            first = _objective(cost, fixed[first_level], levels[first_level], model, centre, scales,
+                               first_level == len(fixed) - 1)
             candidates = [starts[t]] + ([] if previous is None else [previous])
-            values = [coarse.metric_at(model.from_matrix(m, centre))[0] for m in candidates]
+            values = [first.metric_at(model.from_matrix(m, centre))[0] for m in candidates]
             if max(values) <= NO_OVERLAP_VALUE:
                 out[t] = None
                 continue
-            params = model.from_matrix(candidates[int(np.argmax(values))], centre)
-            value = values[int(np.argmax(values))]
+            best = int(np.argmax(values))
+            params = model.from_matrix(candidates[best], centre)
+            value = values[best]
             for li in range(first_level, len(fixed)):
-                obj = _objective(cost, fixed[li], levels[li], model, centre, scales, li == len(fixed) - 1)
+                obj = first if li == first_level else _objective(cost, fixed[li], levels[li], model, centre, scales,
+                                                                 li == len(fixed) - 1)
                 params, value, _ = _lbfgs(obj, params, max_iter)
             previous = model.matrix(params, centre)
             out[t] = (previous, value)
