@@ -253,7 +253,8 @@ def load_series(path):
 def open_series(path):
     """Read an image for volume-by-volume use: (:class:`Series`, 4D NIfTI header or None).
 
-    Checked as :func:`load_series`; each volume's float32 copy is made only when it is asked for.
+    Checked as :func:`load_series`; the data are converted once to float32, volumes first, and each
+    volume is a view of them (see :class:`Series`).
     """
     p = check_input_path(path)
     raw = _read(p)
