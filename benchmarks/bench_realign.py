@@ -106,33 +106,38 @@ def time_command(path, threads, tmp, repeats=5):
 
 
 def time_phases(path, threads, tmp):
-    """{phase: seconds} of one realignment of ``path``: imports (a fresh interpreter), reading, the
-    estimation, the rest of :func:`regkl.realign.realign` (reference, boldref) and writing."""
+    """{phase: (wall seconds, CPU seconds of this process)} of one realignment of ``path``: imports (a
+    fresh interpreter), the kernels' start-up, reading, the estimation, the rest of
+    :func:`regkl.realign.realign` (reference, sample points, boldref) and writing."""
     from regkl.realign import load_series_for_realign, warm_up, write_outputs
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    code = ("import time; t = time.perf_counter(); import regkl.cli, regkl.commands.realign, regkl.realign; "
-            "print(time.perf_counter() - t)")
-    phases = {"start-up and imports (fresh interpreter)": float(
-        subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True).stdout)}
-    t0 = time.perf_counter()
-    warm_up()
-    phases["Numba kernels' start-up (the command overlaps it with reading)"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    volumes, tr, _ = load_series_for_realign(path)
-    phases["read the series"] = time.perf_counter() - t0
+    code = ("import time; t = time.perf_counter(); c = time.process_time(); import regkl.cli, regkl.commands.realign, "
+            "regkl.realign; print(time.perf_counter() - t, time.process_time() - c)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True).stdout
+    phases = {"start-up and imports (fresh interpreter)": tuple(float(v) for v in out.split())}
+
+    def timed(name, fn):
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = fn()
+        phases[name] = (time.perf_counter() - t0, time.process_time() - c0)
+        return result
+
+    timed("Numba kernels' start-up (the command overlaps it with reading)", warm_up)
+    volumes, tr, _ = timed("read the series", lambda: load_series_for_realign(path))
     passes = []
-    t0 = time.perf_counter()
-    res = realign(volumes, threads=threads, log=lambda m: passes.append(float(m.rsplit(" in ", 1)[1].split()[0]))
-                  if m.startswith("pass") else None)
-    total = time.perf_counter() - t0
-    phases["estimation (pass 1)"] = sum(passes)
-    phases["rest of realign(): reference, sample points, boldref"] = total - sum(passes)
-    t0 = time.perf_counter()
-    out = Path(tmp) / "phases"
-    write_outputs(res, volumes, confounds=f"{out}_motion.tsv", xfm=f"{out}_hmc_xfm.txt",
-                  boldref=f"{out}_boldref.nii.gz", like=volumes[0], zooms_t=tr, threads=threads)
-    phases["write parameters, transforms, boldref"] = time.perf_counter() - t0
+
+    def log(message):
+        if message.startswith("pass"):
+            passes.append(float(message.rsplit(" in ", 1)[1].split()[0]))
+
+    res = timed("realign(): reference, sample points, estimation, boldref",
+                lambda: realign(volumes, threads=threads, log=log))
+    phases["  of which the estimation (pass 1, wall)"] = (sum(passes), float("nan"))
+    stem = Path(tmp) / "phases"
+    timed("write parameters, transforms, boldref",
+          lambda: write_outputs(res, volumes, confounds=f"{stem}_motion.tsv", xfm=f"{stem}_hmc_xfm.txt",
+                                boldref=f"{stem}_boldref.nii.gz", like=volumes[0], zooms_t=tr, threads=threads))
     return phases
 
 
@@ -265,9 +270,9 @@ def timing(n, threads, repeats, tmp):
               f"{load:.1f} on {os.cpu_count()} cores)")
     print(f"# whole command: median {np.median([s for s, _ in runs]):.2f} s over {len(runs)} runs (goal < 5 s on 2 "
           f"idle cores)")
-    print("# breakdown (one run in this process, same series):")
-    for phase, seconds in time_phases(path, threads, tmp).items():
-        print(f"#   {phase:64s} {seconds:6.2f} s")
+    print("# breakdown (one run in this process, same series): wall s, CPU s (all threads)")
+    for phase, (wall, cpu) in time_phases(path, threads, tmp).items():
+        print(f"#   {phase:64s} {wall:6.2f} {cpu:6.2f}")
     print(f"# 1-min load average after: {os.getloadavg()[0]:.1f}")
 
 
