@@ -6,6 +6,7 @@ chunk and reduces the chunks in order, so results are bit-identical whatever the
 """
 
 import math
+import types
 
 import numpy as np
 
@@ -315,11 +316,27 @@ def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox
 #: than the work (the coarsest level and the global search evaluate a few thousand points).
 SERIAL_BELOW = 20000
 
+def _serial_twin(kernel):
+    """Serial, GIL-free build of a parallel kernel's Python function (prange runs as range).
+
+    The copy gets its own ``__qualname__`` (``<name>_serial``): Numba names a function's on-disk
+    cache after its qualified name and first line, and keys its entries by signature only, so a twin
+    built from the same function object would share the parallel build's cache file, and whichever
+    compiled last would be loaded for both (a "serial" kernel running the parallel code from a
+    thread pool, measured 25 times slower).
+    """
+    fn = kernel.py_func
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    twin.__doc__ = fn.__doc__
+    return njit(cache=True, fastmath=False, nogil=True)(twin)
+
+
 # Serial builds of the same functions (prange runs as range); identical results, no thread wake-up.
 # They release the GIL, so independent evaluations can run concurrently in Python threads
 # (:func:`regkl.histogram.serial_kernels`).
-joint_histogram_serial = njit(cache=True, fastmath=False, nogil=True)(joint_histogram.py_func)
-matrix_gradient_serial = njit(cache=True, fastmath=False, nogil=True)(matrix_gradient.py_func)
+joint_histogram_serial = _serial_twin(joint_histogram)
+matrix_gradient_serial = _serial_twin(matrix_gradient)
 
 
 @njit(cache=True, parallel=True, fastmath=False)
@@ -512,11 +529,11 @@ def block_mean(data, f0, f1, f2):
 
 
 # Serial twins of the moments and block-mean kernels (see joint_histogram_serial above).
-weighted_moments_serial = njit(cache=True, fastmath=False, nogil=True)(weighted_moments.py_func)
-block_mean_serial = njit(cache=True, fastmath=False, nogil=True)(block_mean.py_func)
+weighted_moments_serial = _serial_twin(weighted_moments)
+block_mean_serial = _serial_twin(block_mean)
 # Serial twins of the resampling kernels (the volumes of a series resampled in a thread pool).
-resample_linear_serial = njit(cache=True, fastmath=False, nogil=True)(resample_linear.py_func)
-resample_nearest_serial = njit(cache=True, fastmath=False, nogil=True)(resample_nearest.py_func)
+resample_linear_serial = _serial_twin(resample_linear)
+resample_nearest_serial = _serial_twin(resample_nearest)
 
 
 def warm_up():

@@ -125,3 +125,31 @@ def test_serial_smoothing_equals_scipy_exactly(var):
     vol = Volume(rng.normal(100.0, 30.0, size=(16, 14, 10)).astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0]), "v")
     for spacing in (12.0, 6.0, 4.5):
         np.testing.assert_array_equal(downsample(vol, spacing, serial=True).data, downsample(vol, spacing).data)
+
+
+def test_serial_twins_have_their_own_numba_cache_and_equal_results():
+    """A serial twin built from the same Python function as its parallel kernel shared its on-disk
+    cache entry (Numba names the file after the qualified name and line, keys entries by signature),
+    so the last one compiled was loaded for both. Each twin now has its own name, hence its own file."""
+    from regkl import kernels
+
+    pairs = [(kernels.joint_histogram, kernels.joint_histogram_serial),
+             (kernels.matrix_gradient, kernels.matrix_gradient_serial),
+             (kernels.weighted_moments, kernels.weighted_moments_serial),
+             (kernels.block_mean, kernels.block_mean_serial),
+             (kernels.resample_linear, kernels.resample_linear_serial),
+             (kernels.resample_nearest, kernels.resample_nearest_serial)]
+    names = [f.py_func.__qualname__ for pair in pairs for f in pair]
+    assert len(set(names)) == len(names)
+    for parallel, serial in pairs:
+        assert serial.py_func.__code__ is parallel.py_func.__code__  # same source, different cache name
+        assert serial.targetoptions.get("nogil") and not serial.targetoptions.get("parallel")
+    rng = np.random.default_rng(11)
+    data = rng.normal(size=(9, 8, 7)).astype(np.float32)
+    np.testing.assert_array_equal(kernels.block_mean_serial(data, 2, 2, 3), kernels.block_mean(data, 2, 2, 3))
+    mat = np.eye(4)
+    mat[:3, 3] = (0.3, -0.2, 0.45)
+    np.testing.assert_array_equal(kernels.resample_linear_serial(data, mat, 9, 8, 7, np.float32(0)),
+                                  kernels.resample_linear(data, mat, 9, 8, 7, np.float32(0)))
+    np.testing.assert_array_equal(kernels.resample_nearest_serial(data, mat, 9, 8, 7, np.float32(0)),
+                                  kernels.resample_nearest(data, mat, 9, 8, 7, np.float32(0)))
