@@ -3,9 +3,8 @@ smoothing that releases the GIL (the per-volume pyramids of :mod:`regkl.realign`
 
 Small pure functions, no checking; call them through :func:`median_of_volumes` and
 :func:`regkl.pyramid.smooth_variance` (``serial=True``). Serial kernels
-that release the GIL, run over voxel ranges in a thread pool (no Numba threading layer to start:
-realign needs none). Each voxel's result depends only on its own values, so results do not
-depend on the thread count.
+that release the GIL, run over voxel ranges or volumes in a thread pool. Each voxel's result
+depends only on its own values, so results do not depend on the thread count.
 """
 
 from __future__ import annotations
