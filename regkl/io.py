@@ -253,7 +253,8 @@ def load_series(path):
 def open_series(path):
     """Read an image for volume-by-volume use: (:class:`Series`, 4D NIfTI header or None).
 
-    Checked as :func:`load_series`; each volume's float32 copy is made only when it is asked for.
+    Checked as :func:`load_series`; the data are converted once to float32, volumes first, and each
+    volume is a view of them (see :class:`Series`).
     """
     p = check_input_path(path)
     raw = _read(p)
@@ -264,11 +265,14 @@ def open_series(path):
 
 
 class Series:
-    """The volumes of a 3D or 4D image, as :class:`Volume` objects made one at a time.
+    """The volumes of a 3D or 4D image, as :class:`Volume` objects.
+
+    A 4D image is held once, as float32 in (T, I, J, K) C order: every volume is then a
+    C-contiguous block, handed out as a view (no copy per volume) in the layout the kernels read.
 
     Parameters
     ----------
-    data : ndarray (I, J, K) or (I, J, K, T), float32
+    data : ndarray (I, J, K) or (T, I, J, K), float32, C-contiguous
     vox2ras : ndarray (4, 4)
     name : str
     header : nibabel header or None
@@ -276,10 +280,10 @@ class Series:
 
     def __init__(self, data, vox2ras, name, header):
         self._data, self.vox2ras, self.name, self.header = data, vox2ras, name, header
-        self.shape = tuple(data.shape[:3])
+        self.shape = tuple(data.shape[-3:])
 
     def __len__(self):
-        return 1 if self._data.ndim == 3 else self._data.shape[3]
+        return 1 if self._data.ndim == 3 else self._data.shape[0]
 
     def __getitem__(self, t) -> Volume:
         n = len(self)
@@ -288,8 +292,7 @@ class Series:
         if self._data.ndim == 3:
             return Volume(self._data, self.vox2ras, self.name, "", self.header)
         t = int(t) % n
-        return Volume(np.ascontiguousarray(self._data[..., t]), self.vox2ras, self.name, f"volume {t} of {n}",
-                      self.header)
+        return Volume(self._data[t], self.vox2ras, self.name, f"volume {t} of {n}", self.header)
 
 
 def _series(raw: _Raw, p: Path):
@@ -300,7 +303,7 @@ def _series(raw: _Raw, p: Path):
     vox2ras = check_vox2ras(raw.vox2ras, name=raw.matrix_name, path=p)
     _check_extent(data.shape[:3], vox2ras, str(p))
     raw.data = None  # the float copy replaces the file's data
+    if data.ndim == 4:  # volumes first: one copy, each volume C-contiguous (NIfTI stores them F-ordered)
+        data = np.moveaxis(data, 3, 0)
     data = _clean(data, str(p), raw.notes)
     return Series(data, vox2ras, str(p), raw.header), raw.header
-
-

@@ -641,6 +641,9 @@ def block_mean(data, f0, f1, f2):
 # Serial twins of the moments and block-mean kernels (see joint_histogram_serial above).
 weighted_moments_serial = serial_twin(weighted_moments)
 block_mean_serial = serial_twin(block_mean)
+# Serial twins of the resampling kernels (the volumes of a series resampled in a thread pool).
+resample_linear_serial = serial_twin(resample_linear)
+resample_nearest_serial = serial_twin(resample_nearest)
 
 
 def warm_up():

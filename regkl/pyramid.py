@@ -72,7 +72,8 @@ def downsample(volume: Volume, spacing_mm: float, *, serial: bool = False) -> Vo
     spacing_mm : float
         Target resolution (FWHM) and approximate voxel size, in mm.
     serial : bool
-        Use the serial block average (releases the GIL: for many volumes in a thread pool).
+        Use the serial block average and smoothing kernels (they release the GIL: for many volumes
+        in a thread pool). Results are identical.
 
     Returns
     -------
@@ -108,11 +109,12 @@ def downsample(volume: Volume, spacing_mm: float, *, serial: bool = False) -> Vo
     have_var = (vox / FWHM_PER_SIGMA) ** 2 + vox ** 2 * (factors ** 2 - 1) / 12.0
     add_var_vox = np.maximum((spacing_mm / FWHM_PER_SIGMA) ** 2 - have_var, 0.0) / new_vox ** 2
     if valid is None:
-        data = smooth_variance(data, add_var_vox)
+        data = smooth_variance(data, add_var_vox, serial=serial)
     else:
-        weight = smooth_variance(valid, add_var_vox)
+        weight = smooth_variance(valid, add_var_vox, serial=serial)
         with np.errstate(all="ignore"):
-            data = np.where(valid > 0, smooth_variance(data, add_var_vox) / weight, np.float32(np.nan))
+            data = np.where(valid > 0, smooth_variance(data, add_var_vox, serial=serial) / weight,
+                            np.float32(np.nan))
     return Volume(data, vox2ras, volume.name, volume.note)
 
 
@@ -136,7 +138,16 @@ def no_data_mask(level: Volume) -> np.ndarray | None:
 SMALL_VARIANCE_VOX2 = 0.5
 
 
-def smooth_variance(data: np.ndarray, var_vox) -> np.ndarray:
+def gaussian_weights(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """Sampled, normalised Gaussian of ``sigma`` voxels truncated at ``truncate`` sigma (the kernel
+    :func:`scipy.ndimage.gaussian_filter1d` uses)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma * sigma) * x ** 2)
+    return phi / phi.sum()
+
+
+def smooth_variance(data: np.ndarray, var_vox, *, serial: bool = False) -> np.ndarray:
     """Smooth ``data`` with a separable kernel of the given variance (voxels**2) along each axis.
 
     Small variances (up to :data:`SMALL_VARIANCE_VOX2`) use the 3-tap kernel ``[a, 1 - 2a, a]``
@@ -150,6 +161,10 @@ def smooth_variance(data: np.ndarray, var_vox) -> np.ndarray:
     var_vox : array_like, shape (3,)
         Kernel variance per axis, in voxels squared.
 
+    serial : bool
+        Use a Numba kernel that releases the GIL (identical results; for many volumes in a thread
+        pool, where SciPy's filters, which hold it, would run one at a time).
+
     Returns
     -------
     ndarray, float32 (``data`` itself when nothing is smoothed)
@@ -161,11 +176,15 @@ def smooth_variance(data: np.ndarray, var_vox) -> np.ndarray:
             continue
         if var <= SMALL_VARIANCE_VOX2:
             a = var / 2.0
-            out = ndimage.correlate1d(out, np.array([a, 1.0 - 2.0 * a, a]), axis=axis, mode="nearest",
-                                      output=np.float32)
+            weights = np.array([a, 1.0 - 2.0 * a, a])
         else:
-            out = ndimage.gaussian_filter1d(out, math.sqrt(var), axis=axis, mode="nearest", truncate=4.0,
-                                            output=np.float32)
+            weights = gaussian_weights(math.sqrt(var))
+        if serial:
+            from .stack_kernels import correlate_nearest
+
+            out = correlate_nearest(np.ascontiguousarray(out, dtype=np.float32), weights, axis)
+        else:
+            out = ndimage.correlate1d(out, weights, axis=axis, mode="nearest", output=np.float32)
     return out
 
 

@@ -18,7 +18,7 @@ def vox2vox(moving: Volume, grid: Volume, fixed2moving: np.ndarray) -> np.ndarra
 
 
 def resample(moving: Volume | str, grid: Volume | str, fixed2moving: np.ndarray, *, interp: str = "linear",
-             fill: float = 0.0) -> Volume:
+             fill: float = 0.0, serial: bool = False) -> Volume:
     """Resample ``moving`` on the voxel grid of ``grid`` (usually the fixed image).
 
     NaN voxels of ``moving`` mean "no data" (see :mod:`regkl.io`): an output voxel whose
@@ -36,6 +36,9 @@ def resample(moving: Volume | str, grid: Volume | str, fixed2moving: np.ndarray,
     fill : float
         Value outside the moving image and on its NaN voxels (ANTs ``--default-value``,
         SimpleITK ``defaultPixelValue``).
+    serial : bool
+        Use the serial 'linear' and 'nearest' kernels (they release the GIL: for many volumes
+        resampled in a thread pool). Results are identical.
 
     Returns
     -------
@@ -56,14 +59,16 @@ def resample(moving: Volume | str, grid: Volume | str, fixed2moving: np.ndarray,
     m = np.ascontiguousarray(vox2vox(moving, grid, fixed2moving))
     s0, s1, s2 = grid.shape
     has_nan = not bool(np.isfinite(moving.data).all())  # NaN (and infinite, from the API) voxels: no data
+    linear = kernels.resample_linear_serial if serial else kernels.resample_linear
     if interp == "linear":
-        out = kernels.resample_linear(moving.data, m, s0, s1, s2, np.float32(fill))
+        out = linear(moving.data, m, s0, s1, s2, np.float32(fill))
     elif interp == "nearest":
-        out = kernels.resample_nearest(moving.data, m, s0, s1, s2, np.float32(fill))  # keeps the values
+        nearest = kernels.resample_nearest_serial if serial else kernels.resample_nearest
+        out = nearest(moving.data, m, s0, s1, s2, np.float32(fill))  # keeps the values
     else:
         out = _resample_cubic(_nan_to_nearest(moving.data) if has_nan else moving.data, m, grid.shape, fill)
         if has_nan:  # the linear result is not finite exactly where the 8 neighbours include such a voxel
-            out[~np.isfinite(kernels.resample_linear(moving.data, m, s0, s1, s2, np.float32(0.0)))] = np.nan
+            out[~np.isfinite(linear(moving.data, m, s0, s1, s2, np.float32(0.0)))] = np.nan
     if has_nan:
         out[~np.isfinite(out)] = np.float32(fill)
     return Volume(out, grid.vox2ras, moving.name, f"resampled on {grid.name}", grid.header)

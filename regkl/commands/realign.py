@@ -52,7 +52,7 @@ def _stem(path) -> str:
               "-meanvol, SPM).")
 @click.option("--interp", type=click.Choice(["nearest", "linear", "cubic"]), default="linear", show_default=True,
               help="Interpolation of the realigned series.")
-@click.option("--sampling", default=0.25, show_default=True, type=SAMPLING,
+@click.option("--sampling", default=0.125, show_default=True, type=SAMPLING,  # regkl.realign.SAMPLING
               help="Fraction of the reference's grid points sampled at each level (inside its head mask).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the point sampling.")
 @click.option("--threads", type=POSITIVE, default=None, help="Threads [default: all cores or NUMBA_NUM_THREADS]; the "
