@@ -109,7 +109,7 @@ def time_phases(path, threads, tmp):
     """{phase: (wall seconds, CPU seconds of this process)} of one realignment of ``path``: imports (a
     fresh interpreter), the kernels' start-up, reading, the estimation, the rest of
     :func:`regkl.realign.realign` (reference, sample points, boldref) and writing."""
-    from regkl.realign import load_series_for_realign, warm_up, write_outputs
+    from regkl.realign_files import load_series_for_realign, warm_up, write_outputs
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     code = ("import time; t = time.perf_counter(); c = time.process_time(); import regkl.cli, regkl.commands.realign, "

@@ -309,7 +309,7 @@ def run_job(job: Job, threads: int | None = None) -> dict:
         fixed = load_volume(job.fixed)
         motion, volumes = _realign(job, hmc or moving_volume == "realigned", opts.get("seed", 0))
         if moving_volume == "realigned" and motion is not None:
-            from .realign import described_boldref
+            from .realign_files import described_boldref
 
             moving = described_boldref(motion)
         else:  # "realigned" of a 3D image: the image itself

@@ -9,7 +9,6 @@ optional second pass to the mean of the realigned series, starting from the firs
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from . import histogram, masks, moments, pyramid
 from .errors import InputError, RegistrationError
 from .metrics import get_metric
 from .motion import framewise_displacement, non_steady_volumes
+from .realign_checks import MIN_FINITE_VOXELS, check_resemblance, poor_fits, thin_series_warning, usable_series
 from .objective import NO_OVERLAP_VALUE, MIN_OVERLAP, STEP_TOL, _lbfgs, _Objective
 from .resample import resample
 from .stack_kernels import median_of_volumes
@@ -49,12 +49,6 @@ COARSE_STEP_TOL = 0.01
 COARSER = 1.2
 #: Bins of the MI histogram (cost 'mi').
 MI_BINS = 32
-#: A reference image given as a file must look like the series' volumes for the same-modality costs:
-#: the correlation of the realigned median with it (both smoothed to twice its voxel size, over the
-#: brighter half of its head mask: tissue contrast, not the head's outline) is at least this. Single
-#: volumes of synthetic and real-b0 series, even with noise at 30 % of the signal, scored 0.79-0.99;
-#: the sample BOLD's T1 as reference scored 0.07 and made up about 1 mm of motion.
-MIN_REFERENCE_CORRELATION = 0.5
 #: Python's thread switch interval (s) while volumes are registered in several threads: each
 #: evaluation returns from a GIL-free kernel to a little Python, and waiting up to Python's
 #: default 5 ms for the other thread to yield the GIL left cores idle (measured: 100 volumes, 2
@@ -63,7 +57,9 @@ MIN_REFERENCE_CORRELATION = 0.5
 SWITCH_INTERVAL_S = 0.001
 #: Per-volume flags (value = message).
 FLAGS = {"empty": "constant (empty or not-a-number) volume; its transform is its neighbour's",
-         "no-overlap": "does not overlap the reference; its transform is its neighbour's"}
+         "no-overlap": "does not overlap the reference; its transform is its neighbour's",
+         "poor-fit": "matches the reference far worse than the other volumes after realignment (noise, another "
+                     "contrast, or moved out of the field of view?): its motion estimate is unreliable"}
 
 
 @dataclass(frozen=True)
@@ -333,51 +329,6 @@ def realigned_volumes(volumes, grid: Volume, ref2volume, *, interp: str = "linea
     return out
 
 
-#: Fewest finite voxels a volume needs to be realigned (as for registration, see regkl.io).
-MIN_FINITE_VOXELS = 512
-
-
-def _no_data_as_background(volumes, log):
-    """(volumes, usable): NaN/Inf voxels (no data, e.g. SPM's background) set to 0, the background
-    of a BOLD series, so that the same-modality costs stay finite; a volume is usable when it keeps at
-    least :data:`MIN_FINITE_VOXELS` finite voxels and is not constant. Warns once, with the count."""
-    import warnings
-
-    out, usable, n_bad = [], [], 0
-    for v in volumes:
-        finite = np.isfinite(v.data)
-        n_finite = int(np.count_nonzero(finite))
-        if n_finite < v.data.size:
-            n_bad += v.data.size - n_finite
-            v = v.with_data(np.where(finite, v.data, np.float32(0.0)).astype(np.float32))
-        usable.append(n_finite >= MIN_FINITE_VOXELS and float(v.data.max()) > float(v.data.min()))
-        out.append(v)
-    if n_bad:
-        warnings.warn(f"{volumes[0].name}: {n_bad} NaN/infinite voxels in the series are no data: taken as "
-                      "background (0) for realignment", stacklevel=3)
-    return out, usable
-
-
-def _check_resemblance(boldref: Volume, reference: Volume, cost: str) -> None:
-    """InputError when a reference image does not look like the realigned series (another contrast):
-    the same-modality costs would then report made-up motion. Both are compared at twice the
-    reference's coarsest voxel size (noise averaged out, tissue contrast kept)."""
-    spacing = 2.0 * float(np.max(reference.spacing))
-    ref = pyramid.downsample(reference, spacing)
-    head = resample(masks.auto_mask(reference), ref, np.eye(4), interp="nearest").data > 0.5
-    inside = head & (ref.data > np.median(ref.data[head]))  # tissue, not the head's outline
-    a = pyramid.downsample(boldref, spacing).data[inside].astype(np.float64)
-    b = ref.data[inside].astype(np.float64)
-    a -= a.mean()
-    b -= b.mean()
-    corr = float(a @ b / max(np.sqrt((a @ a) * (b @ b)), 1e-300))
-    if not corr >= MIN_REFERENCE_CORRELATION:
-        raise InputError(f"does not look like the volumes of the series (correlation {corr:.2f} after "
-                         f"realignment, below {MIN_REFERENCE_CORRELATION}): the {cost!r} cost needs a reference "
-                         "of the same contrast (a volume of the series, its mean, an SBRef or boldref); for "
-                         "another contrast use --cost mi", path=reference.name)
-
-
 def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = False, sampling: float = SAMPLING,
             levels: int | None = None, finest_fwhm_vox: float = FINEST_FWHM_VOX, seed: int = 0,
             max_iter: int = 100, threads: int = 1, log=None) -> RealignResult:
@@ -423,7 +374,7 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
     InputError
         Fewer than 2 volumes, volumes on different grids, every volume constant, an unknown
         cost or reference, a reference that does not overlap the series, a reference image that
-        does not look like the series with cost 'nc' or 'ls' (:data:`MIN_REFERENCE_CORRELATION`).
+        does not look like the series with cost 'nc' or 'ls' (:data:`regkl.realign_checks.MIN_REFERENCE_CORRELATION`).
     """
     t0 = time.perf_counter()
     say = log or (lambda msg: None)
@@ -441,7 +392,8 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
     grid = volumes[0]
     if any(v.shape != grid.shape or not np.allclose(v.vox2ras, grid.vox2ras) for v in volumes):
         raise InputError("the volumes of the series are not on one grid", path=grid.name)
-    volumes, usable = _no_data_as_background(volumes, log)
+    thin_series_warning(grid)
+    volumes, usable = usable_series(volumes)
     if not any(usable):
         raise InputError(f"no volume of the series can be realigned: each is constant or has fewer than "
                          f"{MIN_FINITE_VOXELS} finite voxels (of {int(np.prod(grid.shape))})", path=grid.name)
@@ -495,7 +447,9 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
     aligned = realigned_volumes([volumes[t] for t in keep], out_grid, matrices[keep], threads=threads)
     boldref = out_grid.with_data(median_of_volumes(aligned, threads), note=f"median of {len(keep)} realigned volumes")
     if isinstance(reference, Volume) and cost != "mi":
-        _check_resemblance(boldref, reference, cost)
+        check_resemblance(boldref, reference, cost)
+    for t in poor_fits(values, [g and t >= n_skip for t, g in enumerate(ok)], cost):  # dummy scans differ anyway
+        flags[t] = "poor-fit"
     for t, f in enumerate(flags):
         if f:
             say(f"volume {t}: {FLAGS[f]}")
@@ -507,148 +461,3 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
         settings={"reference": reference if not isinstance(reference, Volume) else reference.name,
                   "cost": cost, "passes": passes, "sampling": sampling, "spacings_mm": spacings, "seed": seed,
                   "finest_fwhm_vox": finest_fwhm_vox, "block": BLOCK, "max_iter": max_iter})
-
-
-def write_outputs(result: RealignResult, volumes, *, confounds=None, xfm=None, boldref=None, par=None,
-                  realigned=None, interp: str = "linear", qc=None, like=None, zooms_t=None, protect=(),
-                  threads: int = 1) -> None:
-    """Write the motion outputs of a realignment, all or none (:func:`regkl.outputs.output_group`).
-
-    Parameters
-    ----------
-    result : RealignResult
-    volumes : sequence of Volume
-        The series that was realigned (for ``realigned``).
-    confounds : path, optional
-        TSV with fMRIPrep's confound columns (:data:`regkl.motion.CONFOUND_COLUMNS`).
-    xfm : path, optional
-        ITK text file with one transform per volume, in order (LPS, reference -> volume).
-    boldref : path, optional
-        The reference volume (median of the realigned steady-state volumes).
-    par : path, optional
-        FSL MCFLIRT ``.par`` layout (:func:`regkl.motion.par_text`).
-    realigned : path, optional
-        The realigned series (4D NIfTI), one resampling with ``interp``.
-    qc : path, optional
-        PNG of the motion traces.
-    like : Volume, optional
-        Image whose NIfTI header the images keep; ``zooms_t`` the repetition time to keep.
-    protect : iterable of paths
-        Inputs never to overwrite.
-    threads : int
-        Volumes of ``realigned`` resampled concurrently.
-    """
-    from .outputs import atomic_path, output_group
-    from .writers import save_array, save_volume
-    from .motion import confounds_text, motion_figure, par_text
-    from .xfm import itk_series_text
-
-    def text(path, content):
-        with atomic_path(path, protect=protect) as tmp:
-            tmp.write_text(content)
-
-    with output_group():
-        if confounds:
-            text(confounds, confounds_text(result.params, result.framewise_displacement))
-        if par:
-            text(par, par_text(result.params))
-        if xfm:
-            text(xfm, itk_series_text(result.ref2volume))
-        if boldref:
-            save_volume(result.boldref, boldref, like=like, protect=protect)
-        if realigned:
-            data = np.moveaxis(realigned_volumes(volumes, result.boldref, result.ref2volume, interp=interp,
-                                                 threads=threads), 0, -1)
-            save_array(data, result.boldref.vox2ras, realigned, like=like, protect=protect, zooms_t=zooms_t)
-        if qc:
-            fd = result.framewise_displacement
-            motion_figure(result.params, fd, qc, flags=result.flags, protect=protect,
-                          title=f"{volumes[0].name}: {len(volumes)} volumes, reference {result.reference.note}, "
-                                f"mean FD {np.nanmean(fd) if len(fd) > 1 else 0.0:.3f} mm, max "
-                                f"{np.nanmax(fd) if len(fd) > 1 else 0.0:.3f} mm")
-
-
-def warm_up():
-    """Load the kernels realignment uses (cost 'nc'/'ls') on tiny inputs: Numba's one-off start-up
-    cost, safe in a background thread while the series is read."""
-    from . import kernels
-    from .stack_kernels import correlate_nearest, median_over_first_axis
-
-    data = np.zeros((2, 2, 2), dtype=np.float32)
-    mat = np.eye(4)
-    kernels.block_mean_serial(data, 2, 2, 2)
-    kernels.weighted_moments_serial(np.zeros((1, 3)), np.zeros(1), data, mat[:3].copy(), 0.0, 1.0)
-    kernels.resample_linear_serial(data, mat, 1, 1, 1, np.float32(0.0))
-    median_over_first_axis(np.zeros((3, 1), dtype=np.float32), np.empty(1, dtype=np.float32), 0, 1)
-    correlate_nearest(data, np.array([0.25, 0.5, 0.25]), 0)
-
-
-def load_series_for_realign(path):
-    """The volumes of a 4D series and its repetition time; InputError (one line) for a 3D image or a
-    single volume."""
-    from .io import load_series
-
-    volumes, header = load_series(path)
-    if len(volumes) < 2:
-        raise InputError("has a single volume (a 3D image); realign needs a 4D series of at least 2 volumes",
-                         path=path)
-    zooms = header.get_zooms() if header is not None and hasattr(header, "get_zooms") else ()
-    return volumes, (float(zooms[3]) if len(zooms) > 3 else None), header
-
-
-def realign_file(series, *, confounds=None, xfm=None, boldref=None, par=None, realigned=None,
-                 interp: str = "linear", qc=None, log=None, **options) -> RealignResult:
-    """Series file in, motion outputs out: what ``regkl realign`` and a batch run call.
-
-    Reads ``series`` (:func:`load_series_for_realign`), runs :func:`realign` with ``options`` and
-    writes the requested outputs with :func:`write_outputs` (all or none; inputs never
-    overwritten). Returns the :class:`RealignResult`.
-    """
-    warm = threading.Thread(target=warm_up, name="regkl-realign-warm-up", daemon=True)
-    warm.start()  # Numba's one-off start-up while the series is read (decompression releases the GIL)
-    try:
-        volumes, tr, _ = load_series_for_realign(series)
-    finally:
-        warm.join()
-    if xfm:
-        from .itk_placement import check_itk_placement
-
-        check_itk_placement(volumes[:1], "write the per-volume ITK transforms (--xfm)")
-    reference = options.get("reference")
-    protect = (series,) + ((reference,) if isinstance(reference, str) else ())
-    if isinstance(reference, str) and reference not in ("auto", "mean", "median"):
-        from .io import load_series
-
-        ref_volumes, _ = load_series(reference)
-        if len(ref_volumes) > 1:
-            raise InputError(f"is a 4D series of {len(ref_volumes)} volumes; a reference image must be one 3D "
-                             "volume (an SBRef, a boldref, or pick a volume of the series by its index)", path=reference)
-        options["reference"] = ref_volumes[0].with_data(ref_volumes[0].data, note=f"image {reference}")
-    result = realign(volumes, log=log, **options)
-    write_outputs(result, volumes, confounds=confounds, xfm=xfm, boldref=boldref, par=par, realigned=realigned,
-                  interp=interp, qc=qc, like=volumes[0], zooms_t=tr, protect=protect,
-                  threads=options.get("threads", 1))
-    return result
-
-
-def realigned_reference(path, *, threads: int = 1, log=None) -> Volume:
-    """The motion-free reference (boldref) of a 4D series, for registering the series elsewhere
-    (``regkl register --moving-volume realigned``); a 3D image is returned as it is read.
-
-    Raises
-    ------
-    InputError
-        As :func:`regkl.io.load_series` and :func:`realign`.
-    """
-    from .io import load_series, load_volume
-
-    volumes, _ = load_series(path)
-    if len(volumes) < 2:
-        return load_volume(path)
-    return described_boldref(realign(volumes, threads=threads, log=log))
-
-
-def described_boldref(result: RealignResult) -> Volume:
-    """``result.boldref`` with a note saying how it was made (for logs and sidecars)."""
-    return result.boldref.with_data(result.boldref.data, note=f"boldref: {result.boldref.note} (realigned to "
-                                    f"{result.reference.note}; {result.n_non_steady} non-steady-state left out)")

@@ -69,7 +69,7 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
     """
     import numba
 
-    from ..realign import realign_file
+    from ..realign_files import realign_file
 
     t0 = time.perf_counter()
     say = log(quiet)

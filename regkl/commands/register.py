@@ -147,7 +147,7 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     if moving_volume == "realigned":
         import numba
 
-        from ..realign import realigned_reference
+        from ..realign_files import realigned_reference
 
         moving_vol = realigned_reference(moving, threads=numba.get_num_threads(), log=say)
     else:
