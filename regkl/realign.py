@@ -443,13 +443,14 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
 
     params = np.stack([model.from_matrix(m, centre) for m in matrices])
     values = np.array([res[t][1] if ok[t] else np.nan for t in range(len(volumes))])
-    keep = [t for t in range(len(volumes)) if ok[t] and t >= n_skip] or [t for t in range(len(volumes)) if ok[t]]
+    for t in poor_fits(values, [g and t >= n_skip for t, g in enumerate(ok)], cost):  # dummy scans differ anyway
+        flags[t] = "poor-fit"
+    fit = [ok[t] and flags[t] != "poor-fit" for t in range(len(volumes))]
+    keep = [t for t in range(len(volumes)) if fit[t] and t >= n_skip] or [t for t in range(len(volumes)) if ok[t]]
     aligned = realigned_volumes([volumes[t] for t in keep], out_grid, matrices[keep], threads=threads)
     boldref = out_grid.with_data(median_of_volumes(aligned, threads), note=f"median of {len(keep)} realigned volumes")
     if isinstance(reference, Volume) and cost != "mi":
         check_resemblance(boldref, reference, cost)
-    for t in poor_fits(values, [g and t >= n_skip for t, g in enumerate(ok)], cost):  # dummy scans differ anyway
-        flags[t] = "poor-fit"
     for t, f in enumerate(flags):
         if f:
             say(f"volume {t}: {FLAGS[f]}")
