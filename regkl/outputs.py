@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import glob
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -14,14 +16,41 @@ from .errors import OutputError
 from .quiet import _oserror_text
 
 
-#: Name pattern of the temporary files :func:`atomic_path` creates (".NAME.XXXXXXXX.tmpSUFFIX").
+#: Name pattern of the temporary files :func:`atomic_path` creates (".NAME.PID.XXXXXXXX.tmpSUFFIX",
+#: PID the writing process's id).
 TEMP_PATTERN = r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?$"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_stale_temps(dest: Path, suffixes) -> None:
+    """Remove the temporary files of ``dest`` (and of its partner files) that a writer killed
+    mid-write left behind: those whose writer's process id no longer runs. A live writer's files
+    are left alone, so concurrent runs never delete each other's work."""
+    folder = dest.parent if str(dest.parent) else Path(".")
+    rx = re.compile(re.escape(f".{dest.name}.") + r"(\d+)\.[A-Za-z0-9_]{8}\.tmp" + re.escape(suffixes[0]) + "$")
+    with contextlib.suppress(OSError):
+        for first in folder.glob(f".{glob.escape(dest.name)}.*.tmp{glob.escape(suffixes[0])}"):
+            m = rx.match(first.name)
+            if not m or _alive(int(m.group(1))):
+                continue
+            stem = str(first)[:len(str(first)) - len(suffixes[0])]
+            for suffix in suffixes:
+                with contextlib.suppress(OSError):
+                    os.unlink(stem + suffix)
 
 
 def stale_temp_files(folder) -> list:
     """Temporary files left in ``folder`` (recursively) by a run that was killed mid-write."""
-    import re
-
     rx = re.compile(TEMP_PATTERN)
     return sorted(p for p in Path(folder).rglob(".*") if p.is_file() and rx.match(p.name))
 
@@ -178,7 +207,8 @@ def atomic_set(path, suffixes, *, protect=()):
             raise OutputError("two outputs have the same path", path=final)
     folder = dest.parent if str(dest.parent) else Path(".")
     try:
-        fd, first = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffixes[0]}", dir=folder)
+        _remove_stale_temps(dest, suffixes)
+        fd, first = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=f".tmp{suffixes[0]}", dir=folder)
     except OSError as exc:
         raise OutputError(f"cannot write: {_oserror_text(exc)}", path=dest) from exc
     stem = first[:len(first) - len(suffixes[0])]
