@@ -28,6 +28,16 @@ def real_pair():
 
 
 @pytest.fixture(scope="session")
+def real_pair_result(real_pair):
+    """``register(moving, fixed)`` of the real pair with default settings (seed 0), computed once
+    for every test that compares against it (deterministic: bit-identical on every call)."""
+    from regkl.optimize import register
+
+    moving, fixed = real_pair
+    return register(moving, fixed)
+
+
+@pytest.fixture(scope="session")
 def real_pair_paths():
     """(moving b0 EPI path, fixed T2w path) of the real pair."""
     need(REAL)

@@ -42,6 +42,12 @@ def small_sample(tmp_path_factory):
     return folder / "bold.nii.gz", folder / "T1w.nii.gz"
 
 
+@pytest.fixture(scope="module")
+def small_reference(small_sample, tmp_path_factory):
+    """The single-pair ``regkl register`` answer for ``small_sample``: what every batch pair must match."""
+    return single_pair_matrix(*small_sample, tmp_path_factory.mktemp("single"))
+
+
 def make_bids(root: Path, bold: Path, t1: Path, subjects=("01", "02"), sessions=("1", "2"), runs=("1", "2")):
     for sub in subjects:
         for ses in sessions:
@@ -92,12 +98,12 @@ def check_outputs(root, reference, t1, **kw):
 
 
 @pytest.mark.slow
-def test_bids_tree_every_output_named_and_correct(tmp_path):
-    bold, t1 = _sample()
+def test_bids_tree_every_output_named_and_correct(tmp_path, small_sample, small_reference):
+    bold, t1 = small_sample
     root = make_bids(tmp_path / "ds", bold, t1)
     proc = regkl("batch", root, "--jobs", "2")
     assert proc.returncode == 0, proc.stderr
-    assert check_outputs(root, single_pair_matrix(bold, t1, tmp_path), t1) == 8
+    assert check_outputs(root, small_reference, t1) == 8
     out = root / "derivatives" / "regkl"
     rows = json.loads((out / "logs" / "regkl_summary.json").read_text())["Pairs"]
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
@@ -110,10 +116,10 @@ def test_bids_tree_every_output_named_and_correct(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_batch_then_rerun_leaves_everything_correct(tmp_path, small_sample):
+def test_sigkill_mid_batch_then_rerun_leaves_everything_correct(tmp_path, small_sample, small_reference):
     bold, t1 = small_sample
     root = make_bids(tmp_path / "ds", bold, t1)
-    reference = single_pair_matrix(bold, t1, tmp_path)
+    reference = small_reference
     out = root / "derivatives" / "regkl"
     proc = subprocess.Popen([sys.executable, "-m", "regkl.cli", "batch", str(root), "--jobs", "2", "-q"],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -95,7 +95,7 @@ def test_matrix_on_stdout_without_json(capsys, real_pair_paths):
     assert m.shape == (4, 4) and np.allclose(m[3], [0, 0, 0, 1])
 
 
-def test_same_seed_same_result_and_other_seed_close(real_pair):
+def test_same_seed_same_result_and_other_seed_close(real_pair, real_pair_result):
     """Same seed: identical. Another seed draws other sample points; on this real pair the MI
     optimum is flat (about 2e-4 nats over 0.6 mm), and over 6 seeds the results spread up to
     1.0 mm (median 0.7 mm; see README, known limitations), so the bound here is that measured
@@ -104,8 +104,8 @@ def test_same_seed_same_result_and_other_seed_close(real_pair):
     from regkl.transforms import rms_displacement
 
     moving, fixed = real_pair
-    a = register(moving, fixed, seed=3).fixed2moving
-    b = register(moving, fixed, seed=3).fixed2moving
+    a = real_pair_result.fixed2moving  # register(moving, fixed), default seed 0, from an earlier call
+    b = register(moving, fixed, seed=0).fixed2moving
     c = register(moving, fixed, seed=4).fixed2moving
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
