@@ -299,9 +299,11 @@ def run_job(job: Job, threads: int | None = None) -> dict:
             raise InputError(f"no {FIXED_SUFFIX} image found for this subject", path=job.moving)
         before = {"moving": _input_fingerprint(job.moving), "fixed": _input_fingerprint(job.fixed)}
         opts = dict(job.options)
-        moving_volume = opts.pop("moving_volume", "mean")
+        moving_volume = opts.pop("moving_volume", None)
         interp = opts.pop("interp", "linear")
         hmc = bool(opts.pop("hmc", False)) and paths.motion is not None
+        if moving_volume is None:  # the coreg transform starts from the hmc boldref, as fMRIPrep chains them
+            moving_volume = "realigned" if hmc else "mean"
         if opts.get("prior"):
             from .metrics import load_prior
 

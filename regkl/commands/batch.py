@@ -62,9 +62,10 @@ class _Progress:
 @click.option("--sampling", default=0.5, show_default=True, type=SAMPLING)
 @click.option("--search", type=click.Choice(["none", "auto", "full"]), default="auto", show_default=True)
 @click.option("--auto-mask", is_flag=True, help="As for register.")
-@click.option("--moving-volume", default="mean", show_default=True, type=VolumeChoice(extra=("realigned",)),
+@click.option("--moving-volume", default=None, type=VolumeChoice(extra=("realigned",)),
               help="4D reduction: mean, median, N, or realigned (the motion-corrected boldref; computed once with "
-                   "--hmc's outputs).")
+                   "--hmc's outputs) [default: realigned for the series --hmc corrects, so that the coreg transform "
+                   "starts from the desc-hmc_boldref as fMRIPrep chains them; mean otherwise].")
 @click.option("--hmc/--no-hmc", default=True, show_default=True,
               help="Head-motion correction of every 4D BOLD series (any 4D series with --moving-glob): writes "
                    "..._desc-confounds_timeseries.tsv (+ .json), ..._from-orig_to-boldref_mode-image_desc-hmc_xfm.txt "
