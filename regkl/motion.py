@@ -83,7 +83,7 @@ def non_steady_volumes(global_signal: np.ndarray, *, z: float = NON_STEADY_Z,
 
 
 def _number(v) -> str:
-    return "n/a" if not np.isfinite(v) else f"{float(v):.8g}"
+    return "n/a" if not np.isfinite(v) else f"{float(v) + 0.0:.8g}"  # + 0.0: no "-0"
 
 
 def confounds_text(params: np.ndarray, fd: np.ndarray) -> str:
@@ -99,7 +99,7 @@ def par_text(params: np.ndarray) -> str:
     """FSL MCFLIRT ``.par`` layout: per volume ``rot_x rot_y rot_z`` (radians) then ``trans_x
     trans_y trans_z`` (mm), space-separated. The values are regkl's (RAS+, about the reference's
     centre), not FSL's scaled-voxel parameters."""
-    return "".join("  ".join(f"{v:.6e}" for v in p) + "\n" for p in np.asarray(params))
+    return "".join("  ".join(f"{v + 0.0:.6e}" for v in p) + "\n" for p in np.asarray(params))
 
 
 def _write_text(path, text, protect):
@@ -120,14 +120,14 @@ def motion_figure(params: np.ndarray, fd: np.ndarray, path, *, title: str = "", 
     plt = pyplot()
     p = np.asarray(params)
     t = np.arange(len(p))
-    fig, axes = plt.subplots(3, 1, figsize=(8, 6), sharex=True)
+    fig, axes = plt.subplots(3, 1, figsize=(9.5, 6), sharex=True)
     for k, name in enumerate("xyz"):
         axes[0].plot(t, p[:, 3 + k], lw=1, label=f"trans_{name}")
         axes[1].plot(t, np.rad2deg(p[:, k]), lw=1, label=f"rot_{name}")
     axes[2].plot(t, fd, lw=1, color="k", label="framewise_displacement")
     for ax, unit in zip(axes, ("mm", "degrees", "mm")):
         ax.set_ylabel(unit)
-        ax.legend(loc="upper right", fontsize=7, ncol=3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)  # beside the traces, never over them
         ax.grid(alpha=0.3)
         for i, f in enumerate(flags):
             if f:
@@ -136,5 +136,5 @@ def motion_figure(params: np.ndarray, fd: np.ndarray, path, *, title: str = "", 
     axes[0].set_title(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path, protect=protect) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

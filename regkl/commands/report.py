@@ -6,15 +6,16 @@ from pathlib import Path
 
 import click
 
-from ._common import check_output
+from ._common import check_output, log
 
 
 @click.command("report")
 @click.argument("summary", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
 @click.option("--title", default=None, help="Page title [default: from the results folder's name].")
+@click.option("-q", "--quiet", is_flag=True, help="No message on stderr.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def report_cmd(summary, output, title, debug):
+def report_cmd(summary, output, title, quiet, debug):
     """HTML report of a finished batch, from SUMMARY (the results folder, or its logs/regkl_summary.json).
 
     Every pair with its QC picture, identifiers, metric, time, confidence, suspect flag and error;
@@ -40,3 +41,4 @@ def report_cmd(summary, output, title, debug):
         folder = folder.parent.parent
     write_report(rows, output, title=title or f"regkl batch report: {folder.name}", source=f"from {source}",
                  protect=protect)
+    log(quiet)(f"report of {len(rows)} pair(s) written to {output}")
