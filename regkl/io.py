@@ -151,10 +151,21 @@ def _reduce_4d(data: np.ndarray, how, path: str):
         if not -n <= how < n:
             raise InputError(f"volume {how} requested but the series has {n} volumes (0..{n - 1})", path=path)
         return data[..., how], f"volume {int(how) % n} of {n}"
-    if how == "mean":
-        return np.mean(data, axis=3, dtype=np.float64), f"mean of {n} volumes"
-    if how == "median":
-        return np.median(data, axis=3), f"median of {n} volumes"
+    if how in ("mean", "median"):
+        # NaN is "no data": a voxel's mean/median over the volumes that have it (one all-NaN volume
+        # made the whole mean NaN); a voxel without data in any volume stays NaN
+        finite = np.isfinite(data)
+        if finite.all():
+            out = np.mean(data, axis=3, dtype=np.float64) if how == "mean" else np.median(data, axis=3)
+            return out, f"{how} of {n} volumes"
+        empty = [t for t in range(n) if not finite[..., t].any()]
+        clean = np.where(finite, data, np.nan)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out = np.nanmean(clean, axis=3, dtype=np.float64) if how == "mean" else np.nanmedian(clean, axis=3)
+        note = f"{how} of {n} volumes" + (f" (volume{'s' * (len(empty) > 1)} {', '.join(map(str, empty))} "
+                                           "without data left out)" if empty else ", non-finite voxels left out")
+        return out, note
     raise InputError(f"--moving-volume must be mean, median or a volume index, got {how!r}", path=path)
 
 

@@ -257,14 +257,16 @@ def _run_pass(fixed, volumes, starts, usable, cost, centre, scales, max_iter, fi
 
 
 def _most_typical(volumes, usable, n_skip):
-    """Index of the usable steady-state volume best correlated with the mean of those volumes
-    (over every second voxel along each axis: plenty to rank them)."""
+    """Index of the usable steady-state volume best correlated with the per-voxel median of those
+    volumes (over every second voxel along each axis: plenty to rank them). The median, not the
+    mean: a volume with corrupt voxels drags the mean toward itself and would be chosen."""
     idx = [t for t in range(len(volumes)) if usable[t] and t >= n_skip] or [t for t in range(len(volumes))
                                                                             if usable[t]]
     sub = np.stack([volumes[t].data[::2, ::2, ::2].ravel() for t in idx]).astype(np.float64)
+    typical = np.median(sub, axis=0)
+    typical -= typical.mean()
     sub -= sub.mean(axis=1, keepdims=True)
-    mean = sub.mean(axis=0)
-    scores = (sub @ mean) / np.maximum(np.linalg.norm(sub, axis=1) * np.linalg.norm(mean), 1e-300)
+    scores = (sub @ typical) / np.maximum(np.linalg.norm(sub, axis=1) * np.linalg.norm(typical), 1e-300)
     return idx[int(np.argmax(scores))]
 
 
@@ -443,7 +445,7 @@ def realign(volumes, *, reference="auto", cost: str = "nc", two_pass: bool = Fal
 
     params = np.stack([model.from_matrix(m, centre) for m in matrices])
     values = np.array([res[t][1] if ok[t] else np.nan for t in range(len(volumes))])
-    for t in poor_fits(values, [g and t >= n_skip for t, g in enumerate(ok)], cost):  # dummy scans differ anyway
+    for t in poor_fits(values, ok, cost, n_skip):
         flags[t] = "poor-fit"
     fit = [ok[t] and flags[t] != "poor-fit" for t in range(len(volumes))]
     keep = [t for t in range(len(volumes)) if fit[t] and t >= n_skip] or [t for t in range(len(volumes)) if ok[t]]

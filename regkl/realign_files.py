@@ -101,12 +101,17 @@ def load_series_for_realign(path):
 
 
 def realign_file(series, *, confounds=None, xfm=None, boldref=None, par=None, realigned=None,
-                 interp: str = "linear", qc=None, log=None, **options) -> RealignResult:
+                 interp: str = "linear", qc=None, log=None, xfm_optional: bool = False, **options) -> RealignResult:
     """Series file in, motion outputs out: what ``regkl realign`` and a batch run call.
 
     Reads ``series`` (:func:`load_series_for_realign`), runs :func:`realign` with ``options`` and
     writes the requested outputs with :func:`write_outputs` (all or none; inputs never
     overwritten). Returns the :class:`RealignResult`.
+
+    The per-volume ITK file ``xfm`` is written only if ITK places the series (and a reference
+    image) where regkl does (:func:`regkl.itk_placement.check_itk_placement`): otherwise an
+    InputError, or, with ``xfm_optional`` (the command's default name, not asked for), a warning
+    and no ITK file.
     """
     warm = threading.Thread(target=warm_up, name="regkl-realign-warm-up", daemon=True)
     warm.start()  # Numba's one-off start-up while the series is read (decompression releases the GIL)
@@ -114,10 +119,6 @@ def realign_file(series, *, confounds=None, xfm=None, boldref=None, par=None, re
         volumes, tr, _ = load_series_for_realign(series)
     finally:
         warm.join()
-    if xfm:
-        from .itk_placement import check_itk_placement
-
-        check_itk_placement(volumes[:1], "write the per-volume ITK transforms (--xfm)")
     reference = options.get("reference")
     protect = (series,) + ((reference,) if isinstance(reference, str) else ())
     if isinstance(reference, str) and reference not in ("auto", "mean", "median"):
@@ -128,11 +129,27 @@ def realign_file(series, *, confounds=None, xfm=None, boldref=None, par=None, re
             raise InputError(f"is a 4D series of {len(ref_volumes)} volumes; a reference image must be one 3D "
                              "volume (an SBRef, a boldref, or pick a volume of the series by its index)", path=reference)
         options["reference"] = ref_volumes[0].with_data(ref_volumes[0].data, note=f"image {reference}")
+    if xfm:
+        import warnings
+
+        from .itk_placement import check_itk_placement
+
+        ref = options.get("reference")
+        try:
+            check_itk_placement([volumes[0]] + ([ref] if isinstance(ref, Volume) else []),
+                                "write the per-volume ITK transforms (--xfm)")
+        except InputError as exc:
+            if not xfm_optional:
+                raise
+            warnings.warn(f"not writing {xfm}: {exc}", stacklevel=2)
+            xfm = None
     result = realign(volumes, log=log, **options)
     write_outputs(result, volumes, confounds=confounds, xfm=xfm, boldref=boldref, par=par, realigned=realigned,
                   interp=interp, qc=qc, like=volumes[0], zooms_t=tr, protect=protect,
                   threads=options.get("threads", 1))
-    return result
+    from dataclasses import replace
+
+    return replace(result, settings={**result.settings, "xfm_file": xfm and str(xfm)})
 
 
 def realigned_reference(path, *, threads: int = 1, log=None) -> Volume:

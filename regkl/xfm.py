@@ -347,8 +347,16 @@ class TransformFile:
         Raises
         ------
         InputError
-            If the format needs the grids and one is missing, or the result is not a usable matrix.
+            If the format needs the grids and one is missing, the result is not a usable matrix, or
+            (ITK files) ITK places one of the images elsewhere than regkl, so that the file cannot
+            mean the same here as in the tools that wrote it
+            (:func:`regkl.itk_placement.check_itk_placement`).
         """
+        if self.format == "itk":
+            from .itk_placement import check_itk_placement
+
+            check_itk_placement([v for v in (fixed, moving) if hasattr(v, "vox2ras") and hasattr(v, "name")],
+                                f"use the ITK transform {Path(self.path).name}")
         with np.errstate(all="ignore"):
             m = FORMATS[self.format].to_ras(self.stored, fixed, moving, self.path)
         return check_transform_matrix(np.asarray(m, dtype=np.float64), self.path)

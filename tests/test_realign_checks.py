@@ -75,3 +75,29 @@ def test_two_slice_series_is_warned_about(shifted_series):
         warnings.simplefilter("always")
         realign(slab, threads=2)
     assert any("only 2 slice(s) along voxel axis 2" in str(w.message) for w in caught)
+
+
+def test_first_volume_and_two_volume_series_are_checked(shifted_series):
+    """A noise volume first in the series (taken for a dummy scan) is flagged, and so is one of the
+    two volumes of a 2-volume series of a volume and noise (they got 100 mm of motion, unflagged)."""
+    from regkl.realign import realign
+
+    vols, _ = shifted_series
+    noise = np.random.default_rng(2).uniform(0, 1000, vols[0].shape).astype(np.float32)
+    assert realign(_with(vols, 0, noise), threads=2).flags[0] == "poor-fit"
+    pair = realign(_with(vols[:2], 1, noise), threads=2).flags   # two volumes: which one is "wrong" is moot
+    assert sorted(pair) == ["", "poor-fit"], pair
+
+
+def test_register_mean_leaves_out_an_empty_volume(shifted_series, tmp_path):
+    from regkl.io import load_volume
+
+    vols, _ = shifted_series
+    data = np.stack([v.data for v in vols], axis=-1)
+    data[..., 3] = np.nan
+    path = tmp_path / "bold.nii.gz"
+    nib.save(nib.Nifti1Image(data, vols[0].vox2ras), str(path))
+    mean = load_volume(path)
+    np.testing.assert_allclose(mean.data, np.delete(data, 3, axis=-1).mean(axis=-1, dtype=np.float64),
+                               rtol=1e-5, atol=1e-3)   # float32 values of order 100-1000
+    assert "volume 3 without data left out" in mean.note

@@ -55,10 +55,6 @@ def apply_cmd(transform, moving, reference, output, interp, fill, inverse, fmt, 
     volumes, header = open_series(moving)
     ref = load_volume(reference, volume=0, allow_constant=True)
     check_image_output(output, protect=protect, ndim=3 if len(volumes) == 1 else 4)
-    if transform_file.format == "itk":
-        from ..itk_placement import check_itk_placement
-
-        check_itk_placement((ref, volumes[0]), "apply the ITK transform")
     # FSL/AFNI matrices relate the two grids: REFERENCE is the fixed one (the moving one with --inverse)
     matrix = transform_file.fixed2moving(*((volumes[0], ref) if inverse else (ref, volumes[0])))
     _check_overlap(volumes, ref, matrix, inverse, transform, moving, reference)

@@ -78,6 +78,7 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
         prefix = os.path.join(prefix, _stem(series))  # a folder: the series' name inside it
     base = prefix if prefix is not None else _stem(series)
     confounds = confounds or f"{base}_motion.tsv"
+    xfm_optional = xfm is None  # the default name: skipped (with a warning) where ITK would misplace it
     xfm = xfm or f"{base}_hmc_xfm.txt"
     boldref = boldref or f"{base}_boldref.nii.gz"
     if not reference.strip():
@@ -112,7 +113,8 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
         check_picture_output(qc_out)
     result = realign_file(series, confounds=confounds, xfm=xfm, boldref=boldref, par=par, realigned=output,
                           interp=interp, qc=qc_out, log=say, reference=reference, cost=cost, two_pass=two_pass,
-                          sampling=sampling, seed=seed, threads=numba.get_num_threads())
+                          sampling=sampling, seed=seed, threads=numba.get_num_threads(),
+                          xfm_optional=xfm_optional)
     fd = result.framewise_displacement
     elapsed = time.perf_counter() - t0
     say(f"{len(fd)} volumes, reference {result.reference.note}; mean FD {float(fd[1:].mean()):.3f} mm, max "
@@ -124,6 +126,6 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
             "non_steady_volumes": result.n_non_steady,
             "flags": {str(t): f for t, f in enumerate(result.flags) if f},
             "mean_fd_mm": float(fd[1:].mean()), "max_fd_mm": float(fd[1:].max()),
-            "outputs": {"confounds": confounds, "xfm": xfm, "boldref": boldref, "par": par, "realigned": output,
+            "outputs": {"confounds": confounds, "xfm": result.settings.get("xfm_file"), "boldref": boldref, "par": par, "realigned": output,
                         "qc": qc_out},
             "settings": result.settings, "seconds": round(elapsed, 4)}, indent=2))

@@ -160,8 +160,6 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     if transform_fmt == "itk":
         check_itk_placement((fixed_vol, moving_vol), "write --transform-out in ITK format",
                             "write another format (--transform-format fsl, lta or ras)")
-    if start is not None and start.format == "itk":
-        check_itk_placement((fixed_vol, moving_vol), "read the ITK --init-transform")
     if moving_vol.note:
         say(f"moving reference: {moving_vol.note}")
     init_matrix = None if start is None else start.fixed2moving(fixed_vol, moving_vol)
