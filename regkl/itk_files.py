@@ -209,8 +209,9 @@ def read_itk_lps(path, container: str = "text") -> np.ndarray:
             if tx.GetDimension() != 3:
                 raise InputError(f"expected a 3D transform, got {tx.GetDimension()}D", path=path)
             if not tx.IsLinear():  # ITK's own answer, for every part of a composite (probing points misses local warps)
-                raise InputError(f"holds a non-linear transform ({_nonlinear_parts(tx)}); only linear (affine) "
-                                 "transforms are supported: apply warps with the tool that made them", path=path)
+                raise InputError(f"holds a transform that is not linear ({_nonlinear_parts(tx)}); only linear "
+                                 "(affine) transforms are supported: apply warps with the tool that made them",
+                                 path=path)
             basis = np.vstack([np.zeros(3), np.eye(3)])
             mapped = np.array([tx.TransformPoint(tuple(map(float, p))) for p in basis], dtype=np.float64)
             probe = np.array([37.0, -91.0, 53.0])

@@ -68,6 +68,8 @@ def nifti_bytes(data, *, sform=AFF, qform=None, pixdim=None, shape=None, dtype=N
         hdr["sform_code"] = 2
     if pixdim is not None:
         hdr["pixdim"][1:1 + len(pixdim)] = pixdim
+    elif sform is not None:  # voxel sizes as every writer sets them (ITK takes its spacing from pixdim)
+        hdr["pixdim"][1:4] = np.linalg.norm(np.asarray(sform, dtype=np.float64)[:3, :3], axis=0)
     if scl is not None:
         hdr["scl_slope"], hdr["scl_inter"] = scl
     for key, value in (fields or {}).items():
@@ -878,8 +880,15 @@ def test_sform_qform_disagreement_uses_sform_with_one_warning(tmp_path, capfd, g
     with pytest.warns(UserWarning, match=r"sform and qform disagree by up to 2 mm .* using the sform"):
         vol = load_volume(p)
     np.testing.assert_allclose(vol.vox2ras, AFF, atol=1e-4)
-    code, _, err = run(register_argv(p, good[1], out), capfd)
+    argv = register_argv(p, good[1], out)
+    lta = [str(out / "reg.lta") if str(a).endswith("reg.tfm") else a for a in argv]
+    code, _, err = run(lta, capfd)   # the sform is used; an LTA carries the geometry regkl read
     assert code == 0 and len(_warnings(err)) == 1 and "disagree" in err, err
+    assert sorted(listing(out)) == ["reg.lta", "reg.nii.gz", "reg.txt"]
+    for f in listing(out):
+        (out / f).unlink()
+    code, _, err = run(argv, capfd)  # ITK reads the qform here: no .tfm that would mean something else
+    assert code == 2 and "ITK, ANTs and SimpleITK place this image up to 2 mm" in err and listing(out) == [], err
 
 
 def test_sform_qform_agreeing_to_float_precision_no_warning(tmp_path, recwarn):

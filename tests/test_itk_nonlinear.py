@@ -49,5 +49,5 @@ def test_local_warp_in_h5_is_refused(kind, tmp_path, capfd):
         main(["apply", str(path), str(DATA / "sub-01_bold.nii.gz"), str(DATA / "sub-01_T1w.nii.gz"),
               "-o", str(tmp_path / "out.nii.gz"), "-q"])
     err = capfd.readouterr().err
-    assert exc.value.code == 2 and "non-linear transform" in err, err
+    assert exc.value.code == 2 and "transform that is not linear" in err, err
     assert not (tmp_path / "out.nii.gz").exists()
