@@ -9,6 +9,7 @@ image instead of handing over a file that would silently misplace it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +26,42 @@ OWN_DECODER_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+def _readable_name(path, folder) -> str:
+    """``path`` as SimpleITK can take it: a name that is not valid UTF-8 (SimpleITK aborts the process
+    on one) is reached through ASCII-named links in ``folder`` (both files of an .hdr/.img pair)."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    lower = name.lower()
+    suffix = next(s for s in OWN_DECODER_SUFFIXES if lower.endswith(s))
+    stem = os.path.abspath(name)[:len(os.path.abspath(name)) - len(suffix)]
+    partners = {".hdr": ".img", ".img": ".hdr", ".hdr.gz": ".img.gz", ".img.gz": ".hdr.gz"}
+    for s in (suffix,) + ((partners[suffix],) if suffix in partners else ()):
+        if os.path.lexists(stem + s):
+            os.symlink(stem + s, os.path.join(folder, "image" + s))
+    return os.path.join(folder, "image" + suffix)
+
+
 def itk_vox2ras(path) -> np.ndarray | None:
     """(4, 4) voxel -> RAS+ mm matrix of the first three axes as SimpleITK reads ``path``'s header,
     or None when SimpleITK cannot read it."""
+    import tempfile
+
     import SimpleITK as sitk
 
     from .quiet import quiet_native_stderr
 
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        with quiet_native_stderr():
-            reader.ReadImageInformation()
-    except RuntimeError:
-        return None
+    with tempfile.TemporaryDirectory(prefix="regkl-itk-") as folder:
+        reader.SetFileName(_readable_name(path, folder))
+        try:
+            with quiet_native_stderr():
+                reader.ReadImageInformation()
+        except RuntimeError:
+            return None
     dim = reader.GetDimension()
     if dim < 3:
         return None

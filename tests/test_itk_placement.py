@@ -104,7 +104,7 @@ def test_no_itk_transform_for_a_header_itk_reads_otherwise(name, headers, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["id.tfm"]
 
 
-def test_realign_refuses_its_itk_file_for_such_a_series(headers, tmp_path, capfd):
+def test_realign_refuses_or_skips_its_itk_file_for_such_a_series(headers, tmp_path, capfd):
     src = nib.load(str(DATA / "sub-01_bold.nii.gz"))
     shifted = src.affine.copy()
     shifted[0, 3] += 10.0
@@ -113,6 +113,21 @@ def test_realign_refuses_its_itk_file_for_such_a_series(headers, tmp_path, capfd
     img.header.set_sform(shifted, code=2)
     series = tmp_path / "bold.nii.gz"
     nib.save(img, str(series))
+    code, err = _run(["realign", str(series), "--prefix", str(tmp_path / "r"), "--xfm", str(tmp_path / "x.txt"),
+                      "-q"], capfd)
+    assert code == 2 and "per-volume ITK transforms" in err, err      # asked for: refused, nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bold.nii.gz"]
     code, err = _run(["realign", str(series), "--prefix", str(tmp_path / "r"), "-q"], capfd)
-    assert code == 2 and "per-volume ITK transforms" in err, err
+    assert code == 0 and "not writing" in err and "r_hmc_xfm.txt" in err, err   # the default name: skipped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bold.nii.gz", "r_boldref.nii.gz", "r_motion.tsv"]
+
+
+def test_realign_reference_image_is_checked_too(headers, tmp_path, capfd):
+    """A consistent series with a --reference image that ITK places 10 mm away: no ITK file."""
+    src = nib.load(str(DATA / "sub-01_bold.nii.gz"))
+    series = tmp_path / "bold.nii.gz"
+    nib.save(src, str(series))
+    code, err = _run(["realign", str(series), "--reference", str(headers["disagree"]), "--prefix",
+                      str(tmp_path / "r"), "--xfm", str(tmp_path / "x.txt"), "-q"], capfd)
+    assert code == 2 and "per-volume ITK transforms" in err and str(headers["disagree"]) in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bold.nii.gz"]
