@@ -91,12 +91,40 @@ def check_input_path(path, what: str = "image") -> Path:
     return p
 
 
+#: FreeSurfer MGH images, read through nibabel (SimpleITK has no reader for them).
+MGH_SUFFIXES = (".mgz", ".mgh")
+
+
+def _read_mgh(path: Path) -> _Raw:
+    """A FreeSurfer .mgz/.mgh image through nibabel: its vox2ras (RAS+ mm, as FreeSurfer's scanner
+    RAS) and data; the memory needed is checked from the header before the data are read."""
+    import nibabel as nib
+
+    from .memory import check_memory
+    from .quiet import _short
+
+    try:
+        img = nib.load(str(path))
+        shape, dtype = img.header.get_data_shape(), img.header.get_data_dtype()
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a damaged file
+        raise InputError(f"not a readable FreeSurfer MGH file ({_short(exc)})", path=path) from exc
+    check_memory(shape, dtype, path, compressed=path.name.lower().endswith(".mgz"))
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"the MGH image data cannot be read ({_short(exc)})", path=path) from exc
+    return _Raw(data, np.asarray(img.affine, dtype=np.float64), img.header, "voxel-to-world matrix (MGH header)",
+                [])
+
+
 def _read(path: Path) -> _Raw:
     name = path.name.lower()
     if path.is_dir():
         return _read_sitk(path)
     if name.endswith(NIFTI_SUFFIXES):
         return _read_nifti(path)
+    if name.endswith(MGH_SUFFIXES):
+        return _read_mgh(path)
     if _is_nifti(path):
         return _read_nifti_pair(path)
     return _read_sitk(path)
