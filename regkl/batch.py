@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,10 +438,21 @@ def _write_motion(job: Job, motion, like, inputs) -> tuple:
 # many pairs
 
 
+def _show_warning(message, *_args, **_kwargs):
+    """A warning from a worker process as one line, as the command line shows them."""
+    try:
+        print(f"regkl: warning: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr closed: the warning is not worth stopping a pair for
+        pass
+
+
 def _worker_init(threads):
+    import warnings
+
     import numba
 
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    warnings.showwarning = _show_warning
 
 
 def run_local(jobs, *, n_jobs: int, progress=None) -> list:
