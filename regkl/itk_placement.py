@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .nifti_read import _grid_corners
+from .sitk_images import sitk_vox2ras
 
 #: Farthest (mm, over the grid corners) ITK's placement of an image may lie from regkl's and still
 #: count as the same place (float32 headers round at about 1e-4 mm).
@@ -22,8 +24,6 @@ ITK_PLACEMENT_TOL_MM = 0.05
 
 #: Files regkl decodes itself (the others it reads through SimpleITK, so ITK's placement is its own).
 OWN_DECODER_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
-
-_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _readable_name(path, folder) -> str:
@@ -62,14 +62,7 @@ def itk_vox2ras(path) -> np.ndarray | None:
                 reader.ReadImageInformation()
         except RuntimeError:
             return None
-    dim = reader.GetDimension()
-    if dim < 3:
-        return None
-    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
-    vox2lps = np.eye(4)
-    vox2lps[:3, :3] = direction * np.asarray(reader.GetSpacing()[:3], dtype=np.float64)
-    vox2lps[:3, 3] = reader.GetOrigin()[:3]
-    return _LPS_RAS @ vox2lps
+    return sitk_vox2ras(reader) if reader.GetDimension() >= 3 else None
 
 
 def itk_placement_gap(path, vox2ras, shape) -> float | None:
@@ -82,10 +75,7 @@ def itk_placement_gap(path, vox2ras, shape) -> float | None:
     theirs = itk_vox2ras(path)
     if theirs is None:
         return None
-    dims = [max(int(s), 1) for s in tuple(shape)[:3]] + [1] * (3 - min(len(shape), 3))
-    corners = np.array(np.meshgrid(*[[0, d - 1] for d in dims], indexing="ij")).reshape(3, -1)
-    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
-    return float(np.max(np.linalg.norm(((np.asarray(vox2ras) - theirs) @ corners)[:3], axis=0)))
+    return float(np.max(np.linalg.norm(((np.asarray(vox2ras) - theirs) @ _grid_corners(shape))[:3], axis=0)))
 
 
 def check_itk_placement(volumes, action: str, alternative: str = "") -> None:

@@ -1,7 +1,7 @@
 """What :func:`regkl.realign.realign` checks about its input and its result.
 
 Before the estimation: non-finite voxels become background, intensities far outside the series'
-range are clipped for the costs (one corrupt voxel of 1e30 made up tens of millimetres of motion),
+range are taken as no data for the costs (one corrupt voxel of 1e30 made up tens of millimetres of motion),
 and a series of very few slices is warned about. After it: volumes that match the reference
 poorly are flagged, and a reference image of another contrast is refused for the same-modality
 costs. None of this changes the files the series came from or the realigned series written.
@@ -20,7 +20,7 @@ from .resample import resample
 from .volume import Volume
 
 #: Intensities beyond the series' 0.1-99.9 % percentile range by more than this many times that
-#: range are clipped to it for the costs (a hot voxel, a scanner spike); real bright features (eyes,
+#: range are taken as no data (0) for the costs (a hot voxel, a scanner spike); real bright features (eyes,
 #: vessels, fat: up to 2-4 times the 99.9th percentile) stay inside.
 CLIP_SPANS = 4.0
 #: Fewer slices than this along an axis leave through-plane motion poorly determined: warned.
@@ -51,7 +51,7 @@ def usable_series(volumes):
 
     NaN/Inf voxels (no data, e.g. SPM's background) become 0, the background of a BOLD series, so
     that the same-modality costs stay finite; intensities beyond :data:`CLIP_SPANS` times the
-    series' 0.1-99.9 % percentile range outside it are clipped to that bound. A volume is usable
+    series' 0.1-99.9 % percentile range outside it are no data (0) too. A volume is usable
     when it keeps at least :data:`MIN_FINITE_VOXELS` finite voxels and is not constant. Only the
     volumes that change are copied; one warning per kind, with the counts.
     """
@@ -74,19 +74,19 @@ def usable_series(volumes):
     sample = np.concatenate([v.data[::3, ::3, ::3].ravel() for v in good])
     lo, hi = (float(x) for x in np.percentile(sample, [0.1, 99.9]))
     low, high = lo - CLIP_SPANS * (hi - lo), hi + CLIP_SPANS * (hi - lo)
-    n_clipped, extreme, volumes_clipped = 0, 0.0, []
+    n_outside, extreme, volumes_hit = 0, 0.0, []
     for t, v in enumerate(out):
         vmin, vmax = float(v.data.min()), float(v.data.max())
         usable[t] = usable[t] and vmax > vmin
         if hi > lo and (vmax > high or vmin < low):
             outside = (v.data > high) | (v.data < low)
-            n_clipped += int(np.count_nonzero(outside))
+            n_outside += int(np.count_nonzero(outside))
             extreme = max(extreme, abs(vmax - hi), abs(vmin - lo))
-            volumes_clipped.append(t)
+            volumes_hit.append(t)
             out[t] = v.with_data(np.where(outside, np.float32(0.0), v.data).astype(np.float32))
-    if n_clipped:
-        shown = ", ".join(str(t) for t in volumes_clipped[:5]) + (" ..." if len(volumes_clipped) > 5 else "")
-        warnings.warn(f"{name}: {n_clipped} voxel(s) in volume(s) {shown} lie far outside the series' intensity "
+    if n_outside:
+        shown = ", ".join(str(t) for t in volumes_hit[:5]) + (" ..." if len(volumes_hit) > 5 else "")
+        warnings.warn(f"{name}: {n_outside} voxel(s) in volume(s) {shown} lie far outside the series' intensity "
                       f"range ({lo:.4g} to {hi:.4g}; up to {extreme:.3g} away): taken as no data (0) "
                       f"for the realignment only (corrupt voxels?; bounds {low:.4g} to {high:.4g})", stacklevel=3)
     return out, usable

@@ -85,7 +85,6 @@ def _read_sitk(path: Path) -> _Raw:
 
 def sitk_to_array(img):
     """SimpleITK image -> (array in (i, j, k[, t]) order, vox2ras 4x4)."""
-    dim = img.GetDimension()
     import SimpleITK as sitk
 
     arr = sitk.GetArrayFromImage(img)  # (k, j, i) or (t, k, j, i), components last
@@ -95,6 +94,13 @@ def sitk_to_array(img):
         arr = np.transpose(arr, dim_axes[1:][::-1] + [0])
     else:
         arr = np.transpose(arr, list(range(arr.ndim))[::-1])
+    return arr, sitk_vox2ras(img)
+
+
+def sitk_vox2ras(img) -> np.ndarray:
+    """(4, 4) voxel -> RAS+ mm matrix of the first three axes of a SimpleITK image, or of an
+    ``ImageFileReader`` after ``ReadImageInformation`` (ITK's LPS geometry, flipped to RAS)."""
+    dim = img.GetDimension()
     n = min(dim, 3)
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)[:n, :n]
     spacing = np.asarray(img.GetSpacing(), dtype=np.float64)[:n]
@@ -102,7 +108,7 @@ def sitk_to_array(img):
     vox2lps = np.eye(4)
     vox2lps[:n, :n] = direction @ np.diag(spacing)
     vox2lps[:n, 3] = origin
-    return arr, LPS_RAS @ vox2lps
+    return LPS_RAS @ vox2lps
 
 
 def array_to_sitk(data: np.ndarray, vox2ras: np.ndarray):
