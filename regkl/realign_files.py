@@ -128,7 +128,7 @@ def realign_file(series, *, confounds=None, xfm=None, boldref=None, par=None, re
         if len(ref_volumes) > 1:
             raise InputError(f"is a 4D series of {len(ref_volumes)} volumes; a reference image must be one 3D "
                              "volume (an SBRef, a boldref, or pick a volume of the series by its index)", path=reference)
-        options["reference"] = ref_volumes[0].with_data(ref_volumes[0].data, note=f"image {reference}")
+        options["reference"] = ref_volumes[0]  # realign() names it "image PATH"
     if xfm:
         import warnings
 

@@ -93,10 +93,10 @@ def realign_cmd(series, output, prefix, confounds, xfm, boldref, par, qc_out, re
     if prefix is not None and not prefix.strip():
         raise click.BadParameter("must not be empty", param_hint="--prefix")
     seen = set()
-    for p in (output, confounds, xfm, boldref, par, qc_out):
-        if p and os.path.abspath(p) in seen:
+    for p in filter(None, (output, confounds, xfm, boldref, par, qc_out)):
+        if os.path.abspath(p) in seen:
             raise click.UsageError(f"{p}: two outputs name the same file; give each output its own name")
-        seen.add(os.path.abspath(p) if p else None)
+        seen.add(os.path.abspath(p))
     for out in (output, confounds, xfm, boldref, par, qc_out):
         check_output(out, inputs)
     for out, option, suffixes in ((confounds, "--confounds", (".tsv",)), (xfm, "--xfm", (".txt", ".tfm")),
