@@ -22,6 +22,10 @@ from .sitk_images import sitk_vox2ras
 #: count as the same place (float32 headers round at about 1e-4 mm).
 ITK_PLACEMENT_TOL_MM = 0.05
 
+#: sform and qform (both set) this close (mm, over the grid corners) place the grid alike whichever
+#: of them a reader takes: such a header needs no asking SimpleITK (which costs its ~0.06 s import).
+FORMS_AGREE_MM = 0.005
+
 #: Files regkl decodes itself (the others it reads through SimpleITK, so ITK's placement is its own).
 OWN_DECODER_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
 
@@ -75,7 +79,37 @@ def itk_placement_gap(path, vox2ras, shape) -> float | None:
     theirs = itk_vox2ras(path)
     if theirs is None:
         return None
-    return float(np.max(np.linalg.norm(((np.asarray(vox2ras) - theirs) @ _grid_corners(shape))[:3], axis=0)))
+    return _corner_gap(vox2ras, theirs, shape)
+
+
+def _corner_gap(a, b, shape) -> float:
+    return float(np.max(np.linalg.norm(((np.asarray(a) - np.asarray(b)) @ _grid_corners(shape))[:3], axis=0)))
+
+
+def forms_agree(volume) -> bool:
+    """True when ``volume``'s NIfTI header leaves no room for ITK to place it elsewhere than regkl.
+
+    That is: sform_code and qform_code both set, the qform (built from the quaternion AND ``pixdim``,
+    which is where ITK takes voxel sizes from) and the sform within :data:`FORMS_AGREE_MM` of each
+    other, and the volume's ``vox2ras`` the sform. ITK's rules only choose between those two
+    matrices (or fall back on the qform when the sform is sheared, which a matrix equal to a qform
+    is not), so any choice gives regkl's placement. Anything else (one form, no form, Analyze,
+    forms apart, no header) returns False: ask SimpleITK (:func:`itk_placement_gap`).
+    """
+    hdr = getattr(volume, "header", None)
+    if hdr is None or not hasattr(hdr, "get_qform") or not hasattr(hdr, "get_sform"):
+        return False
+    try:
+        if int(hdr["sform_code"]) <= 0 or int(hdr["qform_code"]) <= 0:
+            return False
+        sform, qform = hdr.get_sform(), hdr.get_qform()
+    except Exception:  # noqa: BLE001 - an invalid quaternion or field: let SimpleITK decide
+        return False
+    if not (np.all(np.isfinite(sform)) and np.all(np.isfinite(qform))):
+        return False
+    shape = volume.shape
+    return (_corner_gap(sform, qform, shape) <= FORMS_AGREE_MM
+            and _corner_gap(volume.vox2ras, sform, shape) <= FORMS_AGREE_MM)
 
 
 def check_itk_placement(volumes, action: str, alternative: str = "") -> None:
@@ -96,7 +130,7 @@ def check_itk_placement(volumes, action: str, alternative: str = "") -> None:
         Naming the image and the gap in mm.
     """
     for volume in volumes:
-        if volume is None or not volume.name:
+        if volume is None or not volume.name or forms_agree(volume):
             continue
         gap = itk_placement_gap(volume.name, volume.vox2ras, volume.shape)
         if gap is not None and gap > ITK_PLACEMENT_TOL_MM:

@@ -1,0 +1,85 @@
+"""Issue 14, fixed costs of a command: work skipped must never change an answer.
+
+The ITK placement check answers from the header alone when the sform and qform agree; SimpleITK
+must agree with every such answer (random oblique headers, both qfac signs, float32 rounding).
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from regkl import itk_placement
+from regkl.io import load_volume
+from regkl.itk_placement import ITK_PLACEMENT_TOL_MM, check_itk_placement, forms_agree, itk_placement_gap
+
+
+def _rotation(rng, max_deg):
+    axis = rng.standard_normal(3)
+    axis /= np.linalg.norm(axis)
+    a = np.deg2rad(rng.uniform(-max_deg, max_deg))
+    k = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    return np.eye(3) + np.sin(a) * k + (1.0 - np.cos(a)) * (k @ k)
+
+
+def _header_cases(folder, rng):
+    """(path, sform, qform or None, codes) for random obliques with both forms set alike, slightly
+    apart (float32 rounding of a perturbed qform), far apart, and one form only."""
+    cases = []
+    for i in range(24):
+        shape = tuple(int(s) for s in rng.integers(4, 12, 3))
+        zooms = rng.uniform(0.7, 3.5, 3)
+        flip = np.diag([(-1.0 if rng.random() < 0.5 else 1.0), 1.0, 1.0])  # qfac -1 half the time
+        lin = _rotation(rng, 180.0 if i % 3 == 0 else 25.0) @ flip @ np.diag(zooms)
+        sform = np.eye(4)
+        sform[:3, :3] = lin
+        sform[:3, 3] = rng.uniform(-90, 90, 3)
+        kind = ("same", "rounded", "apart", "sform only", "qform only", "sheared")[i % 6]
+        qform = sform.copy()
+        if kind == "rounded":
+            qform[:3, 3] += rng.uniform(-1e-3, 1e-3, 3)
+        elif kind == "apart":
+            qform[:3, 3] += rng.uniform(0.5, 3.0, 3)
+        elif kind == "sheared":
+            sform = sform.copy()
+            sform[0, 1] += 0.2
+        img = nib.Nifti1Image(rng.random(shape).astype(np.float32), None)
+        img.header.set_qform(qform, code=0 if kind == "sform only" else 1)
+        img.header.set_sform(sform, code=0 if kind == "qform only" else 2)
+        path = folder / f"case{i:02d}_{kind.replace(' ', '_')}.nii.gz"
+        nib.save(img, str(path))
+        cases.append((path, kind))
+    return cases
+
+
+def test_header_answer_agrees_with_simpleitk(tmp_path):
+    """Whenever the header alone says ITK and regkl place an image alike, SimpleITK does; the
+    headers it does not vouch for include every kind that SimpleITK can move."""
+    rng = np.random.default_rng(14)
+    vouched = {}
+    for path, kind in _header_cases(tmp_path, rng):
+        vol = load_volume(path, allow_constant=True)
+        gap = itk_placement_gap(path, vol.vox2ras, vol.shape)
+        assert gap is not None, path
+        if forms_agree(vol):
+            assert gap <= ITK_PLACEMENT_TOL_MM, (path, gap)
+            vouched[kind] = vouched.get(kind, 0) + 1
+        else:
+            assert kind not in ("same", "rounded"), (path, gap)
+    assert set(vouched) == {"same", "rounded"}, vouched
+
+
+def test_consistent_header_skips_simpleitk(tmp_path, monkeypatch):
+    """A consistent header is checked without asking SimpleITK; an inconsistent one still is, and is
+    refused."""
+    rng = np.random.default_rng(3)
+    cases = dict((kind, path) for path, kind in _header_cases(tmp_path, rng))
+    asked = []
+    real = itk_placement.itk_vox2ras
+    monkeypatch.setattr(itk_placement, "itk_vox2ras", lambda p: asked.append(p) or real(p))
+    check_itk_placement([load_volume(cases["same"], allow_constant=True)], "write an ITK transform")
+    assert asked == []
+    with pytest.raises(Exception, match="ITK, ANTs and SimpleITK place this image"):
+        check_itk_placement([load_volume(cases["apart"], allow_constant=True)], "write an ITK transform")
+    assert asked == [str(cases["apart"])] or asked == [cases["apart"]]
