@@ -203,9 +203,24 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
     masks.sparse_signal_warning(moving, "moving")
     masks.sparse_signal_warning(fixed, "fixed")
     fraction = reachable_fraction(fixed, moving)
-    if fraction < SWAP_BELOW:
-        return _register_other_way(moving, fixed, fraction, options)
-    return _register(moving, fixed, **options)
+    with _one_blas_thread():
+        if fraction < SWAP_BELOW:
+            return _register_other_way(moving, fixed, fraction, options)
+        return _register(moving, fixed, **options)
+
+
+def _one_blas_thread():
+    """Context limiting BLAS to one thread, unless the environment already did
+    (:data:`regkl.BLAS_SINGLE_THREADED`: the command line's case, where this would cost ~10 ms)."""
+    import contextlib
+
+    from . import BLAS_SINGLE_THREADED
+
+    if BLAS_SINGLE_THREADED:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _check_numbers(*, bins, seed, max_iter, max_seconds, sampling, max_points, levels) -> None:

@@ -83,3 +83,37 @@ def test_consistent_header_skips_simpleitk(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="ITK, ANTs and SimpleITK place this image"):
         check_itk_placement([load_volume(cases["apart"], allow_constant=True)], "write an ITK transform")
     assert asked == [str(cases["apart"])] or asked == [cases["apart"]]
+
+
+BLAS_SCRIPT = """
+import numpy  # first, as a library user's script does: OpenBLAS keeps its threads
+import regkl
+from threadpoolctl import threadpool_info
+seen = []
+def log(msg):
+    seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+data = "{data}"
+regkl.register(data + "/sub-01_bold.nii.gz", data + "/sub-01_T1w.nii.gz", search="none", levels=1, max_iter=3,
+               log=log)
+outside = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+print(regkl.BLAS_SINGLE_THREADED, max(seen), min(outside))
+"""
+
+
+def test_register_limits_blas_threads_when_numpy_came_first():
+    """With numpy imported before regkl (OPENBLAS_NUM_THREADS not set), L-BFGS-B's tiny BLAS calls
+    ran on every core and left spinning threads: a registration took 4x longer on a busy
+    machine. register() now keeps BLAS to one thread while it runs, and restores it after."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    env["OPENBLAS_NUM_THREADS"] = "2"  # what a 2-core machine gives by default, made explicit
+    proc = subprocess.run([sys.executable, "-c", BLAS_SCRIPT.format(data=data)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    single, during, after = proc.stdout.split()
+    assert single == "False" and int(during) == 1 and int(after) == 2, proc.stdout
