@@ -48,14 +48,27 @@ class _Objective:
         self.deadline = deadline
         self.evaluations = 0
         self.min_valid = max(64, int(MIN_OVERLAP * samples.points.shape[0])) if min_valid is None else int(min_valid)
+        self._last = None  # (params, metric_at's result) of the last pose scored
 
     def metric_at(self, params):
+        """(value, evaluation, dtable or None where too few points overlap) at ``params``.
+
+        The last pose's result is kept: L-BFGS-B's first evaluation repeats the pose its caller
+        has just scored (the start of every level and refinement), up to the rounding of
+        ``params / scales * scales``, and is not recomputed.
+        """
         self._check_deadline()
+        last = self._last
+        if last is not None and np.allclose(params, last[0], rtol=1e-13, atol=1e-13):
+            return last[1]
         ev = histogram.joint_histogram(self.samples, self.moving, self.model.matrix(params, self.centre))
         if ev.n_valid < self.min_valid:
-            return NO_OVERLAP_VALUE, ev, None
-        value, dtable = self.metric_fn(ev.hist)
-        return value, ev, dtable
+            out = NO_OVERLAP_VALUE, ev, None
+        else:
+            value, dtable = self.metric_fn(ev.hist)
+            out = value, ev, dtable
+        self._last = (np.array(params, dtype=np.float64), out)
+        return out
 
     def metrics_at(self, params_list):
         """Metric values at many poses (one batched kernel call); NO_OVERLAP_VALUE where too few
