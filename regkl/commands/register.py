@@ -109,10 +109,8 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     FSL, AFNI or LTA) and/or regkl's RAS matrix (--matrix-out). Without --json, the 4x4 RAS
     fixed->moving matrix is printed on stdout.
     """
+    # only what the checks and the reading need: Numba and SciPy load while the images are read
     from ..io import load_volume
-    from ..writers import save_volume
-    from ..optimize import MAX_POINTS, register as run_register
-    from ..resample import resample
     from ..xfm import output_format, read_transform, save_transform, transform_text
 
     t0 = time.perf_counter()
@@ -155,6 +153,9 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask, allow_constant=True)
     moving_mask_vol = None if moving_mask is None else load_volume(moving_mask, allow_constant=True)
     warm.join()
+    from ..optimize import MAX_POINTS, register as run_register
+    from ..resample import resample
+    from ..writers import save_volume
     from ..itk_placement import check_itk_placement
 
     if transform_fmt == "itk":
