@@ -243,6 +243,11 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
     n0, n1, n2 = moving.shape
     flat = moving.ravel()
     mask_flat = mov_mask.ravel()
+    # flat views indexed by unsigned offsets: no per-access negative-index handling or stride
+    # multiplications (C-contiguous arrays; reshape refuses others)
+    pts = points.reshape(3 * n)
+    g_flat = mov_g.reshape(3 * n)
+    gw_flat = mov_gw.reshape(3 * n)
     n_chunks = (n + CHUNK - 1) // CHUNK
     size = n_fixed_bins * n_moving_bins
     partial = np.zeros((n_chunks, size))
@@ -268,9 +273,11 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
                 prefetch_cell(flat, n0, n1, n2, u, v, w)
                 if use_mask:
                     prefetch_cell(mask_flat, n0, n1, n2, u, v, w)
-            x = points[p, 0]
-            y = points[p, 1]
-            z = points[p, 2]
+            pu = uint64(p)
+            p3 = uint64(3) * pu
+            x = pts[p3]
+            y = pts[p3 + uint64(1)]
+            z = pts[p3 + uint64(2)]
             u = m00 * x + m01 * y + m02 * z + m03
             v = m10 * x + m11 * y + m12 * z + m13
             w = m20 * x + m21 * y + m22 * z + m23
@@ -293,31 +300,31 @@ def joint_histogram(fixed_bins, points, moving, vox_mat, mov_lo, mov_scale, n_mo
                 gww = gww * mval + weight * mdw
                 weight = weight * mval
             if weight <= 0.0:
-                mov_c[p] = np.nan
-                mov_w[p] = 0.0
+                mov_c[pu] = np.nan
+                mov_w[pu] = 0.0
                 for a in range(3):
-                    mov_g[p, a] = 0.0
-                    mov_gw[p, a] = 0.0
+                    g_flat[p3 + uint64(a)] = 0.0
+                    gw_flat[p3 + uint64(a)] = 0.0
                 continue
             val, du, dv, dw = trilinear_flat(flat, n1, n2, u, v, w, n0)
-            mov_w[p] = weight
-            mov_gw[p, 0] = gwu
-            mov_gw[p, 1] = gwv
-            mov_gw[p, 2] = gww
+            mov_w[pu] = weight
+            gw_flat[p3] = gwu
+            gw_flat[p3 + uint64(1)] = gwv
+            gw_flat[p3 + uint64(2)] = gww
             mc = 2.0 + (val - mov_lo) * mov_scale
             if mc < 2.0 or mc > top:
                 mc = 2.0 if mc < 2.0 else top
-                mov_g[p, 0] = 0.0
-                mov_g[p, 1] = 0.0
-                mov_g[p, 2] = 0.0
+                g_flat[p3] = 0.0
+                g_flat[p3 + uint64(1)] = 0.0
+                g_flat[p3 + uint64(2)] = 0.0
             else:
-                mov_g[p, 0] = du * mov_scale
-                mov_g[p, 1] = dv * mov_scale
-                mov_g[p, 2] = dw * mov_scale
-            mov_c[p] = mc
+                g_flat[p3] = du * mov_scale
+                g_flat[p3 + uint64(1)] = dv * mov_scale
+                g_flat[p3 + uint64(2)] = dw * mov_scale
+            mov_c[pu] = mc
             k0 = int(mc) - 1
             b0, b1, b2, b3 = bspline3_weights(mc - k0 - 1.0)
-            row = uint64(fixed_bins[p] * n_moving_bins + k0)
+            row = uint64(fixed_bins[pu] * n_moving_bins + k0)
             part[row] += weight * b0
             part[row + uint64(1)] += weight * b1
             part[row + uint64(2)] += weight * b2
@@ -351,31 +358,36 @@ def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox
     partial = np.zeros((n_chunks, 12))
     n_moving_bins = dtable.shape[1]
     dflat = dtable.ravel()
+    pts = points.reshape(3 * n)  # flat views, unsigned offsets (see joint_histogram)
+    g_flat = mov_g.reshape(3 * n)
+    gw_flat = mov_gw.reshape(3 * n)
     for c in prange(n_chunks):
         start = c * CHUNK
         stop = min(start + CHUNK, n)
         a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = 0.0
         for p in range(start, stop):
-            mc = mov_c[p]
+            pu = uint64(p)
+            p3 = uint64(3) * pu
+            mc = mov_c[pu]
             if not (mc == mc):
                 continue
             k0 = int(mc) - 1
             t = mc - k0 - 1.0
             e0, e1, e2, e3 = bspline3_deriv_weights(t)
-            row = uint64(fixed_bins[p] * n_moving_bins + k0)
+            row = uint64(fixed_bins[pu] * n_moving_bins + k0)
             t0 = dflat[row]
             t1 = dflat[row + uint64(1)]
             t2 = dflat[row + uint64(2)]
             t3 = dflat[row + uint64(3)]
-            s1 = (e0 * t0 + e1 * t1 + e2 * t2 + e3 * t3) * mov_w[p]
+            s1 = (e0 * t0 + e1 * t1 + e2 * t2 + e3 * t3) * mov_w[pu]
             # d(metric contribution)/d(moving voxel index); the chain rule to moving world mm
             # (vox_lin^T) is linear, so it is applied once to the sum, not per point
-            g0 = s1 * mov_g[p, 0]
-            g1 = s1 * mov_g[p, 1]
-            g2 = s1 * mov_g[p, 2]
-            gw0 = mov_gw[p, 0]
-            gw1 = mov_gw[p, 1]
-            gw2 = mov_gw[p, 2]
+            g0 = s1 * g_flat[p3]
+            g1 = s1 * g_flat[p3 + uint64(1)]
+            g2 = s1 * g_flat[p3 + uint64(2)]
+            gw0 = gw_flat[p3]
+            gw1 = gw_flat[p3 + uint64(1)]
+            gw2 = gw_flat[p3 + uint64(2)]
             if gw0 != 0.0 or gw1 != 0.0 or gw2 != 0.0:
                 # the weight changes only over the outermost voxel and on a soft mask's slopes:
                 # elsewhere the histogram-value term is zero and skipped
@@ -384,9 +396,9 @@ def matrix_gradient(fixed_bins, points, mov_c, mov_g, mov_w, mov_gw, dtable, vox
                 g0 += s0 * gw0
                 g1 += s0 * gw1
                 g2 += s0 * gw2
-            x = points[p, 0]
-            y = points[p, 1]
-            z = points[p, 2]
+            x = pts[p3]
+            y = pts[p3 + uint64(1)]
+            z = pts[p3 + uint64(2)]
             a00 += g0 * x
             a01 += g0 * y
             a02 += g0 * z
