@@ -679,25 +679,43 @@ resample_linear_serial = serial_twin(resample_linear)
 resample_nearest_serial = serial_twin(resample_nearest)
 
 
-def warm_up():
-    """Load every cached kernel once on tiny inputs (Numba's one-off start-up cost, ~0.3 s).
+#: Kernels a registration uses (``register``, ``batch``): :func:`warm_up` loads only these for it.
+#: (The serial twins serve levels under :data:`SERIAL_BELOW` points; nearest-neighbour resampling,
+#: serial block means and the moments kernels serve ``--interp nearest`` and ``realign``.)
+REGISTRATION_KERNELS = ("resample_linear", "block_mean", "joint_histogram", "matrix_gradient",
+                       "joint_histogram_serial", "matrix_gradient_serial", "joint_histograms", "moving_row_order")
+
+
+def warm_up(names=None):
+    """Load cached kernels once on tiny inputs (Numba's one-off start-up cost, ~0.3 s): every
+    kernel, or those named in ``names`` (e.g. :data:`REGISTRATION_KERNELS`; each one more costs
+    ~5-15 ms).
 
     Safe to call from a background thread while images are read.
     """
     data = np.zeros((2, 2, 2), dtype=np.float32)
     mat = np.eye(4)
-    resample_linear(data, mat, 1, 1, 1, np.float32(0.0))
-    resample_nearest(data, mat, 1, 1, 1, np.float32(0.0))
-    block_mean(data, 2, 2, 2)
-    block_mean_serial(data, 2, 2, 2)
     pts = np.zeros((1, 3))
     bins = np.zeros(1, dtype=np.int32)
     c, w = np.empty(1), np.empty(1)
     g, gw = np.empty((1, 3)), np.empty((1, 3))
-    for hist_fn, grad_fn in ((joint_histogram, matrix_gradient), (joint_histogram_serial, matrix_gradient_serial)):
-        hist_fn(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c, g, w, gw, data, False)
-        grad_fn(bins, pts, c, g, w, gw, np.zeros((8, 8)), mat[:3, :3].copy())
-    joint_histograms(bins, pts, data, mat[None, :3].copy(), 0.0, 1.0, 8, 8, data, False)
-    moving_row_order(pts, mat[:3].copy(), 2, 2)
-    for moments_fn in (weighted_moments, weighted_moments_serial):
-        moments_fn(pts, np.zeros(1), data, mat[:3].copy(), 0.0, 1.0)
+    calls = {
+        "resample_linear": lambda: resample_linear(data, mat, 1, 1, 1, np.float32(0.0)),
+        "resample_nearest": lambda: resample_nearest(data, mat, 1, 1, 1, np.float32(0.0)),
+        "block_mean": lambda: block_mean(data, 2, 2, 2),
+        "block_mean_serial": lambda: block_mean_serial(data, 2, 2, 2),
+        "joint_histogram": lambda: joint_histogram(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c, g, w, gw,
+                                                   data, False),
+        "matrix_gradient": lambda: matrix_gradient(bins, pts, c, g, w, gw, np.zeros((8, 8)), mat[:3, :3].copy()),
+        "joint_histogram_serial": lambda: joint_histogram_serial(bins, pts, data, mat[:3].copy(), 0.0, 1.0, 8, 8, c,
+                                                                 g, w, gw, data, False),
+        "matrix_gradient_serial": lambda: matrix_gradient_serial(bins, pts, c, g, w, gw, np.zeros((8, 8)),
+                                                                 mat[:3, :3].copy()),
+        "joint_histograms": lambda: joint_histograms(bins, pts, data, mat[None, :3].copy(), 0.0, 1.0, 8, 8, data,
+                                                     False),
+        "moving_row_order": lambda: moving_row_order(pts, mat[:3].copy(), 2, 2),
+        "weighted_moments": lambda: weighted_moments(pts, np.zeros(1), data, mat[:3].copy(), 0.0, 1.0),
+        "weighted_moments_serial": lambda: weighted_moments_serial(pts, np.zeros(1), data, mat[:3].copy(), 0.0, 1.0),
+    }
+    for name in calls if names is None else names:
+        calls[name]()

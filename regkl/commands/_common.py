@@ -250,9 +250,9 @@ def warm_kernels_in_background():
 
     def load():
         try:
-            from ..kernels import warm_up
+            from ..kernels import REGISTRATION_KERNELS, warm_up
 
-            warm_up()
+            warm_up(REGISTRATION_KERNELS)
         except Exception:  # noqa: BLE001 - the main thread's own import raises it properly
             pass
 
