@@ -126,6 +126,15 @@ def _distinct(candidates, min_mm, radius, limit=None):
     return kept
 
 
+def _distinct_rotations(poses: list) -> list:
+    """The rigid ``poses`` (same translation) without those whose rotation matrix repeats an earlier
+    one's (to 1e-6): an Euler grid holds one rotation many times where the middle angle is +-90
+    degrees (gimbal lock), 130 of the 729 triples of a 22.5-degree grid over +-90 degrees."""
+    rot = get_model("rigid").matrices(np.asarray(poses)[:, :6], np.zeros(3))[:, :3, :3]
+    _, first = np.unique(np.round(rot.reshape(len(poses), 9), 6) + 0.0, axis=0, return_index=True)
+    return [poses[i] for i in np.sort(first)]
+
+
 def half_turns(start_params: np.ndarray, centre: np.ndarray) -> list:
     """Rigid parameters of the start turned by 180 degrees about each fixed world axis through
     ``centre``: an image stored upside down or back to front (as ITK places a file without
@@ -197,7 +206,7 @@ def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str 
         p[:3] = angles + start_params[:3]
         poses.append(p)
     poses.extend(half_turns(start_params, coarse.centre))
-    rotations = scored(poses)
+    rotations = scored(_distinct_rotations(poses))
     rotations.sort(key=lambda c: -c[0])
     poses = []
     for _, p in rotations[:keep * 2]:

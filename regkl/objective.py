@@ -63,7 +63,10 @@ class _Objective:
         points overlap. The same values as :meth:`metric_at`, one by one (to rounding where the metric
         has a batched form, :data:`regkl.metrics.BATCH_VALUES`)."""
         self._check_deadline()
-        mats = np.stack([self.model.matrix(p, self.centre) for p in params_list])
+        if self.model.matrices is not None:
+            mats = self.model.matrices(np.asarray(params_list), self.centre)
+        else:
+            mats = np.stack([self.model.matrix(p, self.centre) for p in params_list])
         hists, n_valid = histogram.joint_histograms(self.samples, self.moving, mats)
         batch = BATCH_VALUES.get(self.metric_fn)
         values = batch(hists) if batch is not None else [self.metric_fn(h)[0] for h in hists]
