@@ -157,17 +157,25 @@ def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str 
                   full: int = FULL_SEEDS):
     """Search rotations (and translations) for the best starting pose of a rigid registration.
 
-    1. Rotations on a grid about the rotation centre (the start's translation kept), and the three
-       half-turns (:func:`half_turns`), scored at the coarsest level; translation offsets tried
-       around the best rotations.
-    2. The ``keep`` best distinct poses and the start are refined at the coarsest level.
+    1. Rotations on a grid about the rotation centre (the start's translation kept; each rotation
+       once, :func:`_distinct_rotations`), and the three half-turns (:func:`half_turns`), scored at
+       the coarsest level; translation offsets tried around the best rotations.
+    2. The ``keep`` best distinct poses and the start are refined at the coarsest level by
+       successive halving (Jamieson & Talwalkar 2016; FSL FLIRT's schedules likewise carry only
+       the best few optimised poses on to the next stage): every one for
+       ``probe_iter`` iterations, then the start and the ``full`` best others whose short-refined
+       poses lie in no better one's basin (:data:`BASIN_MM`) in full (30 iterations). Measured on
+       a real b0/T2w pair from 13 starts up to 85 degrees off and on synthetic EPI/T1 pairs: the
+       seed of the winning basin was always among the 3 best after 3 iterations; the search's
+       local evaluations fell from ~390 to ~165 at the same answers.
     3. Those that beat the start there are refined again, with the start, at the next finer
        level (``finer``) and the best there wins: the
        coarsest level alone can prefer a wrong pose (seen at 12 mm on real data: a 107 degree
        rotation scored 3 % higher there and clearly lower at every finer level). In ``auto`` mode a
        searched pose replaces the start only when its metric is higher by more than ``margin``
        (relative), so a good start is never traded for a look-alike.
-    4. Poses within ``TIE`` of the winner at the finer check are returned as ``alternatives``: the
+    4. Poses within ``TIE`` of the winner at the finer check (one per basin: those the finer check
+       refined to within 2 mm of a better one add nothing) are returned as ``alternatives``: the
        registration takes each through every level and keeps the best at the finest level (on a
        real b0/T2w pair, a pose rotated about 180 degrees from the truth scored within 0.1 % of
        it at 6 mm and 1 % below it at 3 mm).
@@ -182,6 +190,9 @@ def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str 
     refine : callable(objective, params, max_iter) -> (params, value)
         Local optimisation.
     mode : {'auto', 'full'}
+    probe_iter, full : int
+        Iterations of every pose's short refinement; how many poses besides the start are then
+        refined in full.
 
     Returns
     -------
