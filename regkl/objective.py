@@ -14,6 +14,7 @@ from scipy import optimize as sopt
 
 from . import histogram
 from .errors import RegistrationError
+from .metrics import BATCH_VALUES
 from .transforms import rms_displacement
 
 
@@ -72,11 +73,17 @@ class _Objective:
 
     def metrics_at(self, params_list):
         """Metric values at many poses (one batched kernel call); NO_OVERLAP_VALUE where too few
-        points overlap. The same values as :meth:`metric_at`, one by one."""
+        points overlap. The same values as :meth:`metric_at`, one by one (to rounding where the metric
+        has a batched form, :data:`regkl.metrics.BATCH_VALUES`)."""
         self._check_deadline()
-        mats = np.stack([self.model.matrix(p, self.centre) for p in params_list])
+        if self.model.matrices is not None:
+            mats = self.model.matrices(np.asarray(params_list), self.centre)
+        else:
+            mats = np.stack([self.model.matrix(p, self.centre) for p in params_list])
         hists, n_valid = histogram.joint_histograms(self.samples, self.moving, mats)
-        return [NO_OVERLAP_VALUE if nv < self.min_valid else self.metric_fn(h)[0] for h, nv in zip(hists, n_valid)]
+        batch = BATCH_VALUES.get(self.metric_fn)
+        values = batch(hists) if batch is not None else [self.metric_fn(h)[0] for h in hists]
+        return [NO_OVERLAP_VALUE if nv < self.min_valid else float(v) for v, nv in zip(values, n_valid)]
 
     def _check_deadline(self):
         if self.deadline is not None and time.perf_counter() > self.deadline:

@@ -82,6 +82,21 @@ def _rigid_matrix(p, centre):
     return _homogeneous(euler_to_rotation(p[:3]), centre, p[3:6])
 
 
+def _rigid_matrices(ps, centre):
+    """:func:`_rigid_matrix` of each row of ``ps`` (K, 6) at once: (K, 4, 4)."""
+    ps = np.asarray(ps, dtype=np.float64)
+    (cx, cy, cz), (sx, sy, sz) = np.cos(ps[:, :3]).T, np.sin(ps[:, :3]).T
+    rot = np.empty((len(ps), 3, 3))  # Rz @ Ry @ Rx, written out
+    rot[:, 0] = np.stack([cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx], axis=1)
+    rot[:, 1] = np.stack([sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx], axis=1)
+    rot[:, 2] = np.stack([-sy, cy * sx, cy * cx], axis=1)
+    m = np.zeros((len(ps), 4, 4))
+    m[:, :3, :3] = rot
+    m[:, :3, 3] = centre + ps[:, 3:6] - rot @ np.asarray(centre, dtype=np.float64)
+    m[:, 3, 3] = 1.0
+    return m
+
+
 def _rigid_dmatrix(p, centre):
     """d M / d p (6, 3, 4): the rotation's derivative by each Euler angle, closed form, and the
     translations' unit columns."""
@@ -175,6 +190,8 @@ class TransformModel:
     dmatrix : callable(p (P,), centre (3,)) -> (P, 3, 4)
     from_matrix : callable(m (4, 4), centre (3,)) -> (P,)
         Parameters of (the closest member of the family to) a matrix.
+    matrices : callable(ps (K, P), centre (3,)) -> (K, 4, 4), or None
+        ``matrix`` of many parameter vectors at once (None: one at a time).
     kinds : tuple of str
         Per parameter: 'rot' (radians), 'trans' (mm), 'lin' (dimensionless matrix entries or
         log-scale).
@@ -189,6 +206,7 @@ class TransformModel:
     from_matrix: Callable
     kinds: tuple
     stages: tuple = ()
+    matrices: Callable | None = None
 
     def scales(self, radius_mm: float) -> np.ndarray:
         """Per-parameter scale so one optimiser unit moves points about 1 mm at ``radius_mm``."""
@@ -200,7 +218,7 @@ MODELS = {
     "translation": TransformModel("translation", 3, _translation_matrix, _translation_dmatrix,
                                   _translation_from_matrix, ("trans",) * 3),
     "rigid": TransformModel("rigid", 6, _rigid_matrix, _rigid_dmatrix, _rigid_from_matrix,
-                            ("rot",) * 3 + ("trans",) * 3),
+                            ("rot",) * 3 + ("trans",) * 3, matrices=_rigid_matrices),
     "similarity": TransformModel("similarity", 7, _similarity_matrix, _similarity_dmatrix,
                                  _similarity_from_matrix, ("rot",) * 3 + ("trans",) * 3 + ("lin",),
                                  stages=("rigid",)),

@@ -238,7 +238,8 @@ def summary(result, moving, fixed, output, transform_out, matrix_out, seconds) -
         "search": None if result.search is None else {
             "chosen": result.search.chosen, "poses_evaluated": result.search.evaluated,
             "start_metric": result.search.start_metric, "best_metric": result.search.best_metric,
-            "rotation_from_start_deg": result.search.rotation_deg, "seconds": round(result.search.seconds, 4)},
+            "rotation_from_start_deg": result.search.rotation_deg, "seconds": round(result.search.seconds, 4),
+            "local_evaluations": result.search.local_evaluations},
         "metric_before": result.metric_before, "metric_after": result.metric_after,
         "metric_decreased": result.metric_decreased,
         "parameters": {"values": params.tolist(), "centre_ras_mm": np.asarray(result.centre).tolist(), **named},
