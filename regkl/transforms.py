@@ -22,10 +22,17 @@ from .errors import InputError
 
 
 def _euler_parts(angles):
-    """(rz @ ry (3, 3), rx (3, 3), rotation (3, 3), the six cosines/sines) of Euler angles."""
+    """(cos ax, sin ax, cos ay, sin ay, cos az, sin az) of Euler angles, as floats."""
     ax, ay, az = (float(a) for a in angles)
-    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
-    return cx, sx, cy, sy, cz, sz
+    return math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
+
+
+def _rotation_rows(cx, sx, cy, sy, cz, sz):
+    """Rows of ``Rz @ Ry @ Rx`` written out from the angles' cosines and sines (floats, or arrays
+    of K poses: each entry is then a (K,) array)."""
+    return [[cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx],
+            [sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx],
+            [-sy, cy * sx, cy * cx]]
 
 
 def euler_to_rotation(angles):
@@ -34,10 +41,7 @@ def euler_to_rotation(angles):
     Written out in closed form (no 3x3 products): the optimisers evaluate it hundreds of times
     per registration.
     """
-    cx, sx, cy, sy, cz, sz = _euler_parts(angles)
-    return np.array([[cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx],
-                     [sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx],
-                     [-sy, cy * sx, cy * cx]])
+    return np.array(_rotation_rows(*_euler_parts(angles)))
 
 
 def rotation_to_euler(rot):
@@ -86,10 +90,7 @@ def _rigid_matrices(ps, centre):
     """:func:`_rigid_matrix` of each row of ``ps`` (K, 6) at once: (K, 4, 4)."""
     ps = np.asarray(ps, dtype=np.float64)
     (cx, cy, cz), (sx, sy, sz) = np.cos(ps[:, :3]).T, np.sin(ps[:, :3]).T
-    rot = np.empty((len(ps), 3, 3))  # Rz @ Ry @ Rx, written out
-    rot[:, 0] = np.stack([cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx], axis=1)
-    rot[:, 1] = np.stack([sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx], axis=1)
-    rot[:, 2] = np.stack([-sy, cy * sx, cy * cx], axis=1)
+    rot = np.moveaxis(np.array(_rotation_rows(cx, sx, cy, sy, cz, sz)), -1, 0)  # (K, 3, 3)
     m = np.zeros((len(ps), 4, 4))
     m[:, :3, :3] = rot
     m[:, :3, 3] = centre + ps[:, 3:6] - rot @ np.asarray(centre, dtype=np.float64)
