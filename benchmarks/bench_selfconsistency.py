@@ -112,19 +112,20 @@ def main(argv=None):
               flush=True)
 
     print("\n## seeds: the unmoved pair with --seed 0..N-1 (other sample points)")
-    print(f"{'seed':>6} {'to_mean_mm':>10} {'seconds':>7} {'fin_ev':>6}  load")
-    results = []
+    results, seed_rows = [], []
     for s in range(args.seeds):
         m, sec, ev = run(moving, fixed, s)
         results.append(m)
-        rows.append({"measure": "seeds", "seed": s, "seconds": sec, "finest_evaluations": ev})
-        print(f"{s:>6} {'':>10} {sec:>7.2f} {ev:>6}  {load_text()}", flush=True)
+        seed_rows.append({"measure": "seeds", "seed": s, "seconds": sec, "finest_evaluations": ev, "load": load_text()})
     mean = mean_pose(results)
     to_mean = [synthetic.rms_error(m, mean, head) for m in results]
     pairwise = [synthetic.rms_error(a, b, head) for i, a in enumerate(results) for b in results[i + 1:]]
     spread = np.std([parameters(m, mean, centre) for m in results], axis=0)
-    for row, d in zip([r for r in rows if r["measure"] == "seeds"], to_mean):
+    print(f"{'seed':>6} {'to_mean_mm':>10} {'seconds':>7} {'fin_ev':>6}  load")
+    for row, d in zip(seed_rows, to_mean):
         row["to_mean_mm"] = d
+        print(f"{row['seed']:>6} {d:>10.3f} {row['seconds']:>7.2f} {row['finest_evaluations']:>6}  {row['load']}")
+    rows.extend(seed_rows)
 
     seconds = [r["seconds"] for r in rows]
     summary = {
