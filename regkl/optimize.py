@@ -34,12 +34,14 @@ def decreased(before: float, after: float) -> bool:
 #: Fewest sample points per level a cap may ask for.
 MIN_MAX_POINTS = 1000
 #: Step tolerance of the finest level (fraction of its spacing; coarser levels use
-#: :data:`regkl.objective.STEP_TOL`): 0.03 mm at 3 mm. The precision of the answer is set by the
+#: :data:`regkl.objective.STEP_TOL`): 0.015 mm at 3 mm. The precision of the answer is set by the
 #: sample points (on the real b0/T2w pair, answers with different seeds lie 0.3-0.9 mm apart, along
-#: a flat rotation), not by settling to microns: measured against 0.002 on 8 synthetic EPI pairs, the
-#: 1 mm pair and the real pair, the errors moved by at most 0.004 mm and the finest level took a
-#: quarter fewer evaluations (benchmarks/README.md, "Real pair self-consistency (session 6)").
-FINEST_STEP_TOL = 0.01
+#: a flat rotation), not by settling to microns. Measured against 0.002 (benchmarks/README.md, "Real
+#: pair self-consistency (session 6)"): the same errors on 8 synthetic EPI pairs and the 1 mm pair
+#: (within 0.001 mm) and the same dependence on the start on the real pair (0.02-0.10 mm from starts
+#: 0.9 mm apart; 0.01 let it grow to 0.10-0.18 mm), with fewer finest-level evaluations (real pair
+#: 20-53 instead of 23-60; synthetic 9-13 instead of 9-14).
+FINEST_STEP_TOL = 0.005
 #: Centres of mass (rotation centre, ``init='com'``) come from the finest level with at most this
 #: many voxels in each image.
 COM_MAX_VOXELS = 2 ** 21
