@@ -85,7 +85,7 @@ def downsample(volume: Volume, spacing_mm: float, *, serial: bool = False) -> Vo
     -------
     Volume
         On a grid with voxel sizes ``factor * spacing`` (``factor = floor(spacing_mm / voxel)``
-        per axis, at least 1, at most ``shape // MIN_AXIS_VOXELS``); the voxel centre moves to the
+        per axis, to within :data:`BLOCK_FACTOR_TOL`, at least 1, at most ``shape // MIN_AXIS_VOXELS``); the voxel centre moves to the
         block centre, so world positions stay exact. NaN where there is no data.
     """
     vox = volume.spacing
