@@ -33,6 +33,15 @@ def decreased(before: float, after: float) -> bool:
 
 #: Fewest sample points per level a cap may ask for.
 MIN_MAX_POINTS = 1000
+#: Step tolerance of the finest level (fraction of its spacing; coarser levels use
+#: :data:`regkl.objective.STEP_TOL`): 0.015 mm at 3 mm. The precision of the answer is set by the
+#: sample points (on the real b0/T2w pair, answers with different seeds lie 0.3-0.9 mm apart, along
+#: a flat rotation), not by settling to microns. Measured against 0.002 (benchmarks/README.md, "Real
+#: pair self-consistency (session 6)"): the same errors on 8 synthetic EPI pairs and the 1 mm pair
+#: (within 0.001 mm) and the same dependence on the start on the real pair (0.02-0.10 mm from starts
+#: 0.9 mm apart; 0.01 let it grow to 0.10-0.18 mm), with fewer finest-level evaluations (real pair
+#: 20-53 instead of 23-60; synthetic 9-13 instead of 9-14).
+FINEST_STEP_TOL = 0.005
 #: Centres of mass (rotation centre, ``init='com'``) come from the finest level with at most this
 #: many voxels in each image.
 COM_MAX_VOXELS = 2 ** 21
@@ -350,7 +359,8 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
         out = []
         for level in lvls[first:]:
             tl = time.perf_counter()
-            obj = objective(level, mdl, order_at=mdl.matrix(params, centre))
+            tol = FINEST_STEP_TOL if level is lvls[-1] else STEP_TOL
+            obj = objective(level, mdl, tol, order_at=mdl.matrix(params, centre))
             start_value = obj.metric_at(params)[0]
             initial = obj.metric_at(mdl.from_matrix(start, centre))[0]
             params, end_value, res = _lbfgs(obj, params, max_iter)
