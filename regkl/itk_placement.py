@@ -26,6 +26,20 @@ ITK_PLACEMENT_TOL_MM = 0.05
 #: of them a reader takes: such a header needs no asking SimpleITK (which costs its ~0.06 s import).
 FORMS_AGREE_MM = 0.005
 
+#: NIfTI spatial unit codes (``xyzt_units & 7``) that mean millimetres to ITK: unknown (0) and mm
+#: (2). ITK scales voxel sizes given in metres (1) or microns (3); regkl and nibabel do not.
+MM_UNIT_CODES = (0, 2)
+NON_MM_UNITS = {1: "metres", 3: "microns"}
+
+
+def _spatial_unit_code(volume) -> int | None:
+    """``xyzt_units & 7`` of ``volume``'s NIfTI header, or None without one."""
+    hdr = getattr(volume, "header", None)
+    try:
+        return int(hdr["xyzt_units"]) & 7
+    except (TypeError, KeyError, ValueError):
+        return None
+
 #: Files regkl decodes itself (the others it reads through SimpleITK, so ITK's placement is its own).
 OWN_DECODER_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
 
@@ -89,7 +103,8 @@ def _corner_gap(a, b, shape) -> float:
 def forms_agree(volume) -> bool:
     """True when ``volume``'s NIfTI header leaves no room for ITK to place it elsewhere than regkl.
 
-    That is: sform_code and qform_code both set, the qform (built from the quaternion AND ``pixdim``,
+    That is: spatial units mm or unknown (:data:`MM_UNIT_CODES`), sform_code and qform_code both
+    set, the qform (built from the quaternion AND ``pixdim``,
     which is where ITK takes voxel sizes from) and the sform within :data:`FORMS_AGREE_MM` of each
     other, and the volume's ``vox2ras`` the sform. ITK's rules only choose between those two
     matrices (or fall back on the qform when the sform is sheared, which a matrix equal to a qform
@@ -101,6 +116,8 @@ def forms_agree(volume) -> bool:
         return False
     try:
         if int(hdr["sform_code"]) <= 0 or int(hdr["qform_code"]) <= 0:
+            return False
+        if _spatial_unit_code(volume) not in MM_UNIT_CODES:  # ITK scales by micron/metre units; regkl does not
             return False
         sform, qform = hdr.get_sform(), hdr.get_qform()
     except Exception:  # noqa: BLE001 - an invalid quaternion or field: let SimpleITK decide
@@ -134,10 +151,18 @@ def check_itk_placement(volumes, action: str, alternative: str = "") -> None:
             continue
         gap = itk_placement_gap(volume.name, volume.vox2ras, volume.shape)
         if gap is not None and gap > ITK_PLACEMENT_TOL_MM:
+            units = NON_MM_UNITS.get(_spatial_unit_code(volume))
+            if units is not None:
+                reason = (f"its header gives the voxel sizes in {units} (xyzt_units), which ITK applies and regkl, "
+                          "nibabel and FSL do not")
+                fix = "set the spatial units to mm (nibabel: img.header.set_xyzt_units('mm'))"
+            else:
+                reason = ("its header's sform and qform disagree, the sform is sheared, or pixdim does not match "
+                          "the sform")
+                fix = ("make the header consistent (e.g. nibabel: img.set_qform(img.get_sform()); FSL: "
+                       "fslorient -copysform2qform)")
             raise InputError(
                 f"ITK, ANTs and SimpleITK place this image up to {gap:.3g} mm from where regkl, nibabel and "
-                f"FSL place it (its header's sform and qform disagree, the sform is sheared, or pixdim does "
-                f"not match the sform): an ITK transform cannot mean the same in regkl and in those tools, so "
-                f"regkl will not {action}; make the header consistent (e.g. nibabel: "
-                f"img.set_qform(img.get_sform()); FSL: fslorient -copysform2qform)"
+                f"FSL place it ({reason}): an ITK transform cannot mean the same in regkl and in those tools, so "
+                f"regkl will not {action}; {fix}"
                 + (f" or {alternative}" if alternative else ""), path=volume.name)

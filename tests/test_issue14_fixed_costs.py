@@ -117,3 +117,20 @@ def test_register_limits_blas_threads_when_numpy_came_first():
     assert proc.returncode == 0, proc.stderr
     single, during, after = proc.stdout.split()
     assert single == "False" and int(during) == 1 and int(after) == 2, proc.stdout
+
+
+@pytest.mark.parametrize("units", ["micron", "meter"])
+def test_header_in_microns_or_metres_is_asked_and_refused(tmp_path, units):
+    """ITK scales voxel sizes by the header's spatial units; regkl and nibabel do not. Forms that
+    agree do not vouch for such a header (attacker finding: a .tfm for a micron T1 was written and
+    placed the image 200 mm off in SimpleITK); SimpleITK is asked, and the message names the units."""
+    img = nib.Nifti1Image(np.random.default_rng(0).random((8, 9, 10)).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1]))
+    img.header.set_xyzt_units(units)
+    path = tmp_path / f"units_{units}.nii.gz"
+    nib.save(img, str(path))
+    vol = load_volume(path, allow_constant=True)
+    assert not forms_agree(vol)
+    assert itk_placement_gap(path, vol.vox2ras, vol.shape) > ITK_PLACEMENT_TOL_MM
+    with pytest.raises(Exception, match="xyzt_units") as exc:
+        check_itk_placement([vol], "write an ITK transform")
+    assert {"micron": "microns", "meter": "metres"}[units] in str(exc.value)
