@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -218,18 +220,35 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
         return _register(moving, fixed, **options)
 
 
-def _one_blas_thread():
-    """Context limiting BLAS to one thread, unless the environment already did
-    (:data:`regkl.BLAS_SINGLE_THREADED`: the command line's case, where this would cost ~10 ms)."""
-    import contextlib
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE = {"users": 0, "limiter": None}
 
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """Keep BLAS to one thread while any registration of this process runs, unless the environment
+    already did (:data:`regkl.BLAS_SINGLE_THREADED`: the command line's case, where this would cost
+    ~10 ms). The limit is process-wide (threadpoolctl), so registrations running at once in
+    threads share it: the first one sets it, the last one to finish restores the user's setting."""
     from . import BLAS_SINGLE_THREADED
 
     if BLAS_SINGLE_THREADED:
-        return contextlib.nullcontext()
+        yield
+        return
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(limits=1, user_api="blas")
+    with _BLAS_LOCK:
+        if _BLAS_STATE["users"] == 0:
+            _BLAS_STATE["limiter"] = threadpool_limits(limits=1, user_api="blas")
+        _BLAS_STATE["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["users"] -= 1
+            if _BLAS_STATE["users"] == 0:
+                _BLAS_STATE["limiter"].restore_original_limits()
+                _BLAS_STATE["limiter"] = None
 
 
 def _check_numbers(*, bins, seed, max_iter, max_seconds, sampling, max_points, levels) -> None:

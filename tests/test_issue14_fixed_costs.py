@@ -134,3 +134,44 @@ def test_header_in_microns_or_metres_is_asked_and_refused(tmp_path, units):
     with pytest.raises(Exception, match="xyzt_units") as exc:
         check_itk_placement([vol], "write an ITK transform")
     assert {"micron": "microns", "meter": "metres"}[units] in str(exc.value)
+
+
+OVERLAP_SCRIPT = """
+import numpy
+import regkl
+from regkl.optimize import _one_blas_thread
+from threadpoolctl import threadpool_info
+def blas():
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+a, b = _one_blas_thread(), _one_blas_thread()
+seen = [max(blas())]
+a.__enter__(); seen.append(max(blas()))
+b.__enter__(); a.__exit__(None, None, None); seen.append(max(blas()))  # b still runs
+b.__exit__(None, None, None); seen.append(min(blas()))
+print(*seen)
+"""
+
+
+def test_overlapping_registrations_share_the_blas_limit():
+    """Two registrations in threads of one process: the first sets BLAS to one thread, the second
+    keeps it until it ends, and then the user's setting comes back (attacker finding: the second
+    restored the first one's limit of 1 for the rest of the process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    env["OPENBLAS_NUM_THREADS"] = "2"
+    proc = subprocess.run([sys.executable, "-c", OVERLAP_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "1", "1", "2"], proc.stdout
+
+
+def test_unknown_command_suggests_the_close_one(capfd):
+    """Subcommands load lazily; a mistyped one is still answered with the command meant."""
+    from regkl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["regster"])
+    assert exc.value.code == 2
+    assert "Did you mean 'register'?" in capfd.readouterr().err
