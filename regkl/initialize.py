@@ -63,8 +63,8 @@ class SearchReport:
     evaluated: int
     refined: int
     chosen: str          # 'start' or 'search'
-    start_metric: float
-    best_metric: float
+    start_metric: float  # the start refined in its basin (at the finer check when there is one)
+    best_metric: float   # the chosen pose, refined likewise (equal to start_metric when the start wins)
     rotation_deg: float  # angle of the chosen pose's rotation relative to the start
     seconds: float
     #: other searched poses that scored within ``TIE`` of the chosen one at the finer check; the

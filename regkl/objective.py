@@ -87,8 +87,8 @@ class _Objective:
 
     def _check_deadline(self):
         if self.deadline is not None and time.perf_counter() > self.deadline:
-            raise RegistrationError("time limit reached (--max-seconds); the images may be very large or the "
-                                    "problem ill-posed")
+            raise RegistrationError("time limit reached (--max-seconds); raise --max-seconds to give it more time "
+                                    "(the images may be very large or the problem ill-posed)")
 
     def __call__(self, q):
         self.evaluations += 1

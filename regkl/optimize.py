@@ -398,7 +398,8 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
             params, search_report = global_search(obj, finer, params, _refine, mode=search, radius_mm=radius)
             say(f"search: {search_report.evaluated} poses in {search_report.seconds:.2f} s; the {search_report.chosen} "
                 f"pose's basin wins, refined to {search_report.rotation_deg:.1f} deg from the start pose ({metric} "
-                f"{search_report.start_metric:.4f} at the start pose, {search_report.best_metric:.4f} there)")
+                f"{search_report.start_metric:.4f} for the start's basin, {search_report.best_metric:.4f} for the "
+                f"chosen one, both refined)")
             for alt in search_report.alternatives:
                 finalists.append(run_levels(mdl, alt, 0))
         best_params, best_reports = run_levels(mdl, params, 0)
