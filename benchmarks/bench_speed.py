@@ -338,9 +338,10 @@ def part_kernels(args):
         "(197x233x189 float32, 35 MB) or 3 mm (66x78x63, 1.3 MB)")
     say("# order: grid = as sampled (fixed storage order), moving = moving-image row order (what register() uses)")
     say("# Mpt/s: million points per second of wall time; per_cpu_s: per second of this process's CPU time (all")
-    say("# threads; on a loaded machine wall time includes waiting for a core, CPU time does not)")
+    say("# threads; on a loaded machine wall time includes waiting for a core, CPU time does not);")
+    say("# hist_ns, grad_ns: CPU nanoseconds per point of each kernel (all threads; best of the repeats)")
     say(f"{'points':>9} {'moving':>6} {'order':>6} {'threads':>7} {'hist_Mpt/s':>10} {'grad_Mpt/s':>10} "
-        f"{'both_Mpt/s':>10} {'per_cpu_s':>12} {'load':>15}")
+        f"{'both_Mpt/s':>10} {'per_cpu_s':>12} {'hist_ns':>8} {'grad_ns':>8} {'load':>15}")
     rows = []
     for n, mm in cases:
         grid, level, m = kernel_case(n, moving_mm=mm)
@@ -350,25 +351,30 @@ def part_kernels(args):
             histogram.matrix_gradient(samples, level, ev, dtable)
             for t in threads:
                 numba.set_num_threads(t)
-                th, tg, cpu = [], [], []
+                th, tg, cpu, ch, cg = [], [], [], [], []
                 for _ in range(reps):
                     c0 = time.process_time()
                     t0 = time.perf_counter()
                     ev = histogram.joint_histogram(samples, level, m)
                     t1 = time.perf_counter()
+                    c1 = time.process_time()
                     histogram.matrix_gradient(samples, level, ev, dtable)
                     t2 = time.perf_counter()
                     cpu.append(time.process_time() - c0)
+                    ch.append(c1 - c0)
+                    cg.append(cpu[-1] - ch[-1])
                     th.append(t1 - t0)
                     tg.append(t2 - t1)
                 h, g = statistics.median(th), statistics.median(tg)
                 both = statistics.median([a + b for a, b in zip(th, tg)])
                 row = {"points": n, "moving_mm": mm, "order": order, "threads": t, "hist_mpts": n / h / 1e6,
                        "grad_mpts": n / g / 1e6, "both_mpts": n / both / 1e6,
-                       "both_mpts_per_cpu_s": n / statistics.median(cpu) / 1e6, "load": load_text()}
+                       "both_mpts_per_cpu_s": n / statistics.median(cpu) / 1e6, "hist_cpu_ns": min(ch) / n * 1e9,
+                       "grad_cpu_ns": min(cg) / n * 1e9, "load": load_text()}
                 rows.append(row)
                 say(f"{n:>9} {mm:>4g}mm {order:>6} {t:>7} {row['hist_mpts']:>10.1f} {row['grad_mpts']:>10.1f} "
-                    f"{row['both_mpts']:>10.1f} {row['both_mpts_per_cpu_s']:>12.1f} {row['load']:>15}")
+                    f"{row['both_mpts']:>10.1f} {row['both_mpts_per_cpu_s']:>12.1f} {row['hist_cpu_ns']:>8.1f} "
+                    f"{row['grad_cpu_ns']:>8.1f} {row['load']:>15}")
         bare(ev.mov_c, samples.bins, level.n_bins, samples.n_bins)  # compile
         tb = []
         for _ in range(reps):

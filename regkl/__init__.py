@@ -26,6 +26,11 @@ __version__ = "0.1.0"
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+#: True when OpenBLAS was limited to one thread before NumPy loaded (the environment then rules);
+#: otherwise (numpy imported first, as a library user's script does) registrations limit BLAS
+#: threads themselves (:func:`regkl.optimize.register`), or L-BFGS-B's tiny BLAS calls leave
+#: spinning threads behind that cost several times the registration on a busy machine.
+BLAS_SINGLE_THREADED = "numpy" not in _sys.modules and _os.environ.get("OPENBLAS_NUM_THREADS") == "1"
 
 from .errors import RegklError, InputError, RegistrationError  # noqa: E402,F401
 from .volume import Volume  # noqa: E402,F401

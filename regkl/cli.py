@@ -16,7 +16,49 @@ from . import __version__
 from .commands._common import check_environment, echo_err
 from .errors import RegklError
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: Subcommand -> (module in regkl.commands, Click command in it). A command's module (and what it
+#: imports) loads only when that command runs or a help page lists it: a command's start-up does
+#: not pay for the other nine.
+COMMANDS = {
+    "register": ("register", "register"),
+    "apply": ("apply", "apply_cmd"),
+    "batch": ("batch", "batch_cmd"),
+    "report": ("report", "report_cmd"),
+    "qc": ("qc", "qc_cmd"),
+    "learn-prior": ("learn_prior", "learn_prior_cmd"),
+    "metric": ("metric", "metric_cmd"),
+    "profile": ("profile", "profile_cmd"),
+    "stats": ("stats", "stats_cmd"),
+    "realign": ("realign", "realign_cmd"),
+}
+
+
+class _LazyGroup(click.Group):
+    """A Click group whose subcommands are imported on first use (see :data:`COMMANDS`)."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name not in COMMANDS:
+            return None
+        import importlib
+
+        module, attribute = COMMANDS[cmd_name]
+        return getattr(importlib.import_module(f".commands.{module}", __package__), attribute)
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else ""
+        if name in COMMANDS or name.startswith("-") or ctx.resilient_parsing:
+            return super().resolve_command(ctx, args)
+        import difflib
+
+        close = difflib.get_close_matches(name, list(COMMANDS), n=2)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise click.UsageError(f"No such command {name!r}.{hint}", ctx)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="regkl")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def cli(debug):
@@ -25,21 +67,6 @@ def cli(debug):
     Transforms are 4x4 matrices in RAS+ mm mapping FIXED world points to MOVING world points;
     ITK files (.tfm) are the same transform in LPS, as ITK, ANTs and SimpleITK expect.
     """
-
-from .commands.apply import apply_cmd  # noqa: E402
-from .commands.batch import batch_cmd  # noqa: E402
-from .commands.learn_prior import learn_prior_cmd  # noqa: E402
-from .commands.metric import metric_cmd  # noqa: E402
-from .commands.profile import profile_cmd  # noqa: E402
-from .commands.qc import qc_cmd  # noqa: E402
-from .commands.realign import realign_cmd  # noqa: E402
-from .commands.register import register  # noqa: E402
-from .commands.report import report_cmd  # noqa: E402
-from .commands.stats import stats_cmd  # noqa: E402
-
-for _command in (register, apply_cmd, batch_cmd, report_cmd, qc_cmd, learn_prior_cmd, metric_cmd, profile_cmd,
-                 stats_cmd, realign_cmd):
-    cli.add_command(_command)
 
 
 def main(argv=None):

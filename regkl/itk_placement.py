@@ -22,6 +22,24 @@ from .sitk_images import sitk_vox2ras
 #: count as the same place (float32 headers round at about 1e-4 mm).
 ITK_PLACEMENT_TOL_MM = 0.05
 
+#: sform and qform (both set) this close (mm, over the grid corners) place the grid alike whichever
+#: of them a reader takes: such a header needs no asking SimpleITK (which costs its ~0.06 s import).
+FORMS_AGREE_MM = 0.005
+
+#: NIfTI spatial unit codes (``xyzt_units & 7``) that mean millimetres to ITK: unknown (0) and mm
+#: (2). ITK scales voxel sizes given in metres (1) or microns (3); regkl and nibabel do not.
+MM_UNIT_CODES = (0, 2)
+NON_MM_UNITS = {1: "metres", 3: "microns"}
+
+
+def _spatial_unit_code(volume) -> int | None:
+    """``xyzt_units & 7`` of ``volume``'s NIfTI header, or None without one."""
+    hdr = getattr(volume, "header", None)
+    try:
+        return int(hdr["xyzt_units"]) & 7
+    except (TypeError, KeyError, ValueError):
+        return None
+
 #: Files regkl decodes itself (the others it reads through SimpleITK, so ITK's placement is its own).
 OWN_DECODER_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
 
@@ -75,7 +93,40 @@ def itk_placement_gap(path, vox2ras, shape) -> float | None:
     theirs = itk_vox2ras(path)
     if theirs is None:
         return None
-    return float(np.max(np.linalg.norm(((np.asarray(vox2ras) - theirs) @ _grid_corners(shape))[:3], axis=0)))
+    return _corner_gap(vox2ras, theirs, shape)
+
+
+def _corner_gap(a, b, shape) -> float:
+    return float(np.max(np.linalg.norm(((np.asarray(a) - np.asarray(b)) @ _grid_corners(shape))[:3], axis=0)))
+
+
+def forms_agree(volume) -> bool:
+    """True when ``volume``'s NIfTI header leaves no room for ITK to place it elsewhere than regkl.
+
+    That is: spatial units mm or unknown (:data:`MM_UNIT_CODES`), sform_code and qform_code both
+    set, the qform (built from the quaternion AND ``pixdim``,
+    which is where ITK takes voxel sizes from) and the sform within :data:`FORMS_AGREE_MM` of each
+    other, and the volume's ``vox2ras`` the sform. ITK's rules only choose between those two
+    matrices (or fall back on the qform when the sform is sheared, which a matrix equal to a qform
+    is not), so any choice gives regkl's placement. Anything else (one form, no form, Analyze,
+    forms apart, no header) returns False: ask SimpleITK (:func:`itk_placement_gap`).
+    """
+    hdr = getattr(volume, "header", None)
+    if hdr is None or not hasattr(hdr, "get_qform") or not hasattr(hdr, "get_sform"):
+        return False
+    try:
+        if int(hdr["sform_code"]) <= 0 or int(hdr["qform_code"]) <= 0:
+            return False
+        if _spatial_unit_code(volume) not in MM_UNIT_CODES:  # ITK scales by micron/metre units; regkl does not
+            return False
+        sform, qform = hdr.get_sform(), hdr.get_qform()
+    except Exception:  # noqa: BLE001 - an invalid quaternion or field: let SimpleITK decide
+        return False
+    if not (np.all(np.isfinite(sform)) and np.all(np.isfinite(qform))):
+        return False
+    shape = volume.shape
+    return (_corner_gap(sform, qform, shape) <= FORMS_AGREE_MM
+            and _corner_gap(volume.vox2ras, sform, shape) <= FORMS_AGREE_MM)
 
 
 def check_itk_placement(volumes, action: str, alternative: str = "") -> None:
@@ -96,14 +147,22 @@ def check_itk_placement(volumes, action: str, alternative: str = "") -> None:
         Naming the image and the gap in mm.
     """
     for volume in volumes:
-        if volume is None or not volume.name:
+        if volume is None or not volume.name or forms_agree(volume):
             continue
         gap = itk_placement_gap(volume.name, volume.vox2ras, volume.shape)
         if gap is not None and gap > ITK_PLACEMENT_TOL_MM:
+            units = NON_MM_UNITS.get(_spatial_unit_code(volume))
+            if units is not None:
+                reason = (f"its header gives the voxel sizes in {units} (xyzt_units), which ITK applies and regkl, "
+                          "nibabel and FSL do not")
+                fix = "set the spatial units to mm (nibabel: img.header.set_xyzt_units('mm'))"
+            else:
+                reason = ("its header's sform and qform disagree, the sform is sheared, or pixdim does not match "
+                          "the sform")
+                fix = ("make the header consistent (e.g. nibabel: img.set_qform(img.get_sform()); FSL: "
+                       "fslorient -copysform2qform)")
             raise InputError(
                 f"ITK, ANTs and SimpleITK place this image up to {gap:.3g} mm from where regkl, nibabel and "
-                f"FSL place it (its header's sform and qform disagree, the sform is sheared, or pixdim does "
-                f"not match the sform): an ITK transform cannot mean the same in regkl and in those tools, so "
-                f"regkl will not {action}; make the header consistent (e.g. nibabel: "
-                f"img.set_qform(img.get_sform()); FSL: fslorient -copysform2qform)"
+                f"FSL place it ({reason}): an ITK transform cannot mean the same in regkl and in those tools, so "
+                f"regkl will not {action}; {fix}"
                 + (f" or {alternative}" if alternative else ""), path=volume.name)

@@ -94,6 +94,26 @@ def mutual_information(hist: np.ndarray):
     return value, dtable
 
 
+def mutual_information_values(hists: np.ndarray) -> np.ndarray:
+    """Mutual information (nats) of many joint histograms at once, without the derivative tables:
+    :func:`mutual_information`'s values (to rounding) for scoring a batch of poses.
+
+    Parameters
+    ----------
+    hists : ndarray, shape (K, F, M)
+        Joint histograms of counts.
+
+    Returns
+    -------
+    ndarray, shape (K,)
+    """
+    n = hists.sum(axis=(1, 2))
+    p = hists / np.where(n > 0, n, 1.0)[:, None, None]
+    outer = p.sum(axis=2)[:, :, None] * p.sum(axis=1)[:, None, :]
+    ratio = np.divide(p, outer, out=np.ones_like(p), where=p > 0)  # 1 (a zero term) where p is 0
+    return np.einsum("kfm,kfm->k", p, np.log(ratio))
+
+
 def normalised_mutual_information(hist: np.ndarray):
     r"""Normalised mutual information (Studholme et al. 1999) of a joint histogram.
 
@@ -495,6 +515,10 @@ METRICS = {
     "jsd": jensen_shannon,
     "kl": kl_to_prior,
 }
+
+#: Metric function -> its batched value-only form ``hists (K, F, M) -> values (K,)``, where one
+#: exists (the others are evaluated one histogram at a time).
+BATCH_VALUES = {mutual_information: mutual_information_values}
 
 #: Metrics that need a prior joint histogram (their METRICS entry is a factory).
 PRIOR_METRICS = frozenset({"kl"})

@@ -14,6 +14,7 @@ from scipy import optimize as sopt
 
 from . import histogram
 from .errors import RegistrationError
+from .metrics import BATCH_VALUES
 from .transforms import rms_displacement
 
 
@@ -48,27 +49,46 @@ class _Objective:
         self.deadline = deadline
         self.evaluations = 0
         self.min_valid = max(64, int(MIN_OVERLAP * samples.points.shape[0])) if min_valid is None else int(min_valid)
+        self._last = None  # (params, metric_at's result) of the last pose scored
 
     def metric_at(self, params):
+        """(value, evaluation, dtable or None where too few points overlap) at ``params``.
+
+        The last pose's result is kept: L-BFGS-B's first evaluation repeats the pose its caller
+        has just scored (the start of every level and refinement), up to the rounding of
+        ``params / scales * scales``, and is not recomputed.
+        """
         self._check_deadline()
+        last = self._last
+        if last is not None and np.allclose(params, last[0], rtol=1e-13, atol=1e-13):
+            return last[1]
         ev = histogram.joint_histogram(self.samples, self.moving, self.model.matrix(params, self.centre))
         if ev.n_valid < self.min_valid:
-            return NO_OVERLAP_VALUE, ev, None
-        value, dtable = self.metric_fn(ev.hist)
-        return value, ev, dtable
+            out = NO_OVERLAP_VALUE, ev, None
+        else:
+            value, dtable = self.metric_fn(ev.hist)
+            out = value, ev, dtable
+        self._last = (np.array(params, dtype=np.float64), out)
+        return out
 
     def metrics_at(self, params_list):
         """Metric values at many poses (one batched kernel call); NO_OVERLAP_VALUE where too few
-        points overlap. The same values as :meth:`metric_at`, one by one."""
+        points overlap. The same values as :meth:`metric_at`, one by one (to rounding where the metric
+        has a batched form, :data:`regkl.metrics.BATCH_VALUES`)."""
         self._check_deadline()
-        mats = np.stack([self.model.matrix(p, self.centre) for p in params_list])
+        if self.model.matrices is not None:
+            mats = self.model.matrices(np.asarray(params_list), self.centre)
+        else:
+            mats = np.stack([self.model.matrix(p, self.centre) for p in params_list])
         hists, n_valid = histogram.joint_histograms(self.samples, self.moving, mats)
-        return [NO_OVERLAP_VALUE if nv < self.min_valid else self.metric_fn(h)[0] for h, nv in zip(hists, n_valid)]
+        batch = BATCH_VALUES.get(self.metric_fn)
+        values = batch(hists) if batch is not None else [self.metric_fn(h)[0] for h in hists]
+        return [NO_OVERLAP_VALUE if nv < self.min_valid else float(v) for v, nv in zip(values, n_valid)]
 
     def _check_deadline(self):
         if self.deadline is not None and time.perf_counter() > self.deadline:
-            raise RegistrationError("time limit reached (--max-seconds); the images may be very large or the "
-                                    "problem ill-posed")
+            raise RegistrationError("time limit reached (--max-seconds); raise --max-seconds to give it more time "
+                                    "(the images may be very large or the problem ill-posed)")
 
     def __call__(self, q):
         self.evaluations += 1

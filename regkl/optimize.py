@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -33,6 +35,15 @@ def decreased(before: float, after: float) -> bool:
 
 #: Fewest sample points per level a cap may ask for.
 MIN_MAX_POINTS = 1000
+#: Step tolerance of the finest level (fraction of its spacing; coarser levels use
+#: :data:`regkl.objective.STEP_TOL`): 0.015 mm at 3 mm. The precision of the answer is set by the
+#: sample points (on the real b0/T2w pair, answers with different seeds lie 0.3-0.9 mm apart, along
+#: a flat rotation), not by settling to microns. Measured against 0.002 (benchmarks/README.md, "Real
+#: pair self-consistency (session 6)"): the same errors on 8 synthetic EPI pairs and the 1 mm pair
+#: (within 0.001 mm) and the same dependence on the start on the real pair (0.02-0.10 mm from starts
+#: 0.9 mm apart; 0.01 let it grow to 0.10-0.18 mm), with fewer finest-level evaluations (real pair
+#: 20-53 instead of 23-60; synthetic 9-13 instead of 9-14).
+FINEST_STEP_TOL = 0.005
 #: Centres of mass (rotation centre, ``init='com'``) come from the finest level with at most this
 #: many voxels in each image.
 COM_MAX_VOXELS = 2 ** 21
@@ -203,9 +214,41 @@ def register(moving: Volume | str, fixed: Volume | str, *, model: str = "rigid",
     masks.sparse_signal_warning(moving, "moving")
     masks.sparse_signal_warning(fixed, "fixed")
     fraction = reachable_fraction(fixed, moving)
-    if fraction < SWAP_BELOW:
-        return _register_other_way(moving, fixed, fraction, options)
-    return _register(moving, fixed, **options)
+    with _one_blas_thread():
+        if fraction < SWAP_BELOW:
+            return _register_other_way(moving, fixed, fraction, options)
+        return _register(moving, fixed, **options)
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE = {"users": 0, "limiter": None}
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """Keep BLAS to one thread while any registration of this process runs, unless the environment
+    already did (:data:`regkl.BLAS_SINGLE_THREADED`: the command line's case, where this would cost
+    ~10 ms). The limit is process-wide (threadpoolctl), so registrations running at once in
+    threads share it: the first one sets it, the last one to finish restores the user's setting."""
+    from . import BLAS_SINGLE_THREADED
+
+    if BLAS_SINGLE_THREADED:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with _BLAS_LOCK:
+        if _BLAS_STATE["users"] == 0:
+            _BLAS_STATE["limiter"] = threadpool_limits(limits=1, user_api="blas")
+        _BLAS_STATE["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["users"] -= 1
+            if _BLAS_STATE["users"] == 0:
+                _BLAS_STATE["limiter"].restore_original_limits()
+                _BLAS_STATE["limiter"] = None
 
 
 def _check_numbers(*, bins, seed, max_iter, max_seconds, sampling, max_points, levels) -> None:
@@ -335,7 +378,8 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
         out = []
         for level in lvls[first:]:
             tl = time.perf_counter()
-            obj = objective(level, mdl, order_at=mdl.matrix(params, centre))
+            tol = FINEST_STEP_TOL if level is lvls[-1] else STEP_TOL
+            obj = objective(level, mdl, tol, order_at=mdl.matrix(params, centre))
             start_value = obj.metric_at(params)[0]
             initial = obj.metric_at(mdl.from_matrix(start, centre))[0]
             params, end_value, res = _lbfgs(obj, params, max_iter)
@@ -354,7 +398,8 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
             params, search_report = global_search(obj, finer, params, _refine, mode=search, radius_mm=radius)
             say(f"search: {search_report.evaluated} poses in {search_report.seconds:.2f} s; the {search_report.chosen} "
                 f"pose's basin wins, refined to {search_report.rotation_deg:.1f} deg from the start pose ({metric} "
-                f"{search_report.start_metric:.4f} at the start pose, {search_report.best_metric:.4f} there)")
+                f"{search_report.start_metric:.4f} for the start's basin, {search_report.best_metric:.4f} for the "
+                f"chosen one, both refined)")
             for alt in search_report.alternatives:
                 finalists.append(run_levels(mdl, alt, 0))
         best_params, best_reports = run_levels(mdl, params, 0)

@@ -17,6 +17,12 @@ FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: A pyramid level never reduces an axis below this many voxels (an image's thin axis is left
 #: unreduced instead of being averaged away).
 MIN_AXIS_VOXELS = 2
+#: Relative tolerance of a block factor ``spacing_mm / voxel size``: voxel sizes come from float32
+#: headers, so two copies of one image (e.g. one with a rotated header) differ by ~1e-7 relative,
+#: and a factor of 12 computed as 11.9999995 must still be 12. (With an absolute 1e-6, moving the
+#: real b0's header by a rigid transform flipped the T2w's 12 mm level from 12 to 11 voxel blocks
+#: along one axis, which changed every level's random sample points and the answer by 0.8 mm.)
+BLOCK_FACTOR_TOL = 1e-4
 #: Levels coarser than this fraction of either image's thinnest extent (voxels x voxel size along
 #: an array axis) are left out: a 7 mm slab gets no level coarser than 3.5 mm, where a coarse grid
 #: would put only a handful of sample points inside it.
@@ -79,12 +85,12 @@ def downsample(volume: Volume, spacing_mm: float, *, serial: bool = False) -> Vo
     -------
     Volume
         On a grid with voxel sizes ``factor * spacing`` (``factor = floor(spacing_mm / voxel)``
-        per axis, at least 1, at most ``shape // MIN_AXIS_VOXELS``); the voxel centre moves to the
+        per axis, to within :data:`BLOCK_FACTOR_TOL`, at least 1, at most ``shape // MIN_AXIS_VOXELS``); the voxel centre moves to the
         block centre, so world positions stay exact. NaN where there is no data.
     """
     vox = volume.spacing
     shape = np.asarray(volume.shape)
-    factors = np.maximum(1, np.floor(spacing_mm / vox + 1e-6)).astype(int)
+    factors = np.maximum(1, np.floor(spacing_mm / vox * (1.0 + BLOCK_FACTOR_TOL))).astype(int)
     factors = np.minimum(factors, np.maximum(1, shape // MIN_AXIS_VOXELS))
     data = volume.data
     finite = np.isfinite(data)

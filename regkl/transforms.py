@@ -12,6 +12,7 @@ any model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,40 +21,27 @@ import numpy as np
 from .errors import InputError
 
 
-def _rot_x(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=np.float64)
+def _euler_parts(angles):
+    """(cos ax, sin ax, cos ay, sin ay, cos az, sin az) of Euler angles, as floats."""
+    ax, ay, az = (float(a) for a in angles)
+    return math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
 
 
-def _rot_y(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]], dtype=np.float64)
-
-
-def _rot_z(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=np.float64)
-
-
-def _drot_x(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[0, 0, 0], [0, -s, -c], [0, c, -s]], dtype=np.float64)
-
-
-def _drot_y(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[-s, 0, c], [0, 0, 0], [-c, 0, -s]], dtype=np.float64)
-
-
-def _drot_z(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[-s, -c, 0], [c, -s, 0], [0, 0, 0]], dtype=np.float64)
+def _rotation_rows(cx, sx, cy, sy, cz, sz):
+    """Rows of ``Rz @ Ry @ Rx`` written out from the angles' cosines and sines (floats, or arrays
+    of K poses: each entry is then a (K,) array)."""
+    return [[cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx],
+            [sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx],
+            [-sy, cy * sx, cy * cx]]
 
 
 def euler_to_rotation(angles):
-    """Rotation matrix ``Rz(az) @ Ry(ay) @ Rx(ax)`` for angles (ax, ay, az) in radians."""
-    ax, ay, az = angles
-    return _rot_z(az) @ _rot_y(ay) @ _rot_x(ax)
+    """Rotation matrix ``Rz(az) @ Ry(ay) @ Rx(ax)`` for angles (ax, ay, az) in radians.
+
+    Written out in closed form (no 3x3 products): the optimisers evaluate it hundreds of times
+    per registration.
+    """
+    return np.array(_rotation_rows(*_euler_parts(angles)))
 
 
 def rotation_to_euler(rot):
@@ -98,16 +86,35 @@ def _rigid_matrix(p, centre):
     return _homogeneous(euler_to_rotation(p[:3]), centre, p[3:6])
 
 
+def _rigid_matrices(ps, centre):
+    """:func:`_rigid_matrix` of each row of ``ps`` (K, 6) at once: (K, 4, 4)."""
+    ps = np.asarray(ps, dtype=np.float64)
+    (cx, cy, cz), (sx, sy, sz) = np.cos(ps[:, :3]).T, np.sin(ps[:, :3]).T
+    rot = np.moveaxis(np.array(_rotation_rows(cx, sx, cy, sy, cz, sz)), -1, 0)  # (K, 3, 3)
+    m = np.zeros((len(ps), 4, 4))
+    m[:, :3, :3] = rot
+    m[:, :3, 3] = centre + ps[:, 3:6] - rot @ np.asarray(centre, dtype=np.float64)
+    m[:, 3, 3] = 1.0
+    return m
+
+
 def _rigid_dmatrix(p, centre):
-    ax, ay, az = p[:3]
-    rx, ry, rz = _rot_x(ax), _rot_y(ay), _rot_z(az)
-    drots = (rz @ ry @ _drot_x(ax), rz @ _drot_y(ay) @ rx, _drot_z(az) @ ry @ rx)
+    """d M / d p (6, 3, 4): the rotation's derivative by each Euler angle, closed form, and the
+    translations' unit columns."""
+    cx, sx, cy, sy, cz, sz = _euler_parts(p[:3])
     d = np.zeros((6, 3, 4))
-    for k, dr in enumerate(drots):
-        d[k, :, :3] = dr
-        d[k, :, 3] = -dr @ centre
-    for k in range(3):
-        d[3 + k, k, 3] = 1.0
+    # d/dax = Rz Ry dRx ; d/day = Rz dRy Rx ; d/daz = dRz Ry Rx
+    d[0, :, :3] = [[0.0, cz * sy * cx + sz * sx, sz * cx - cz * sy * sx],
+                   [0.0, sz * sy * cx - cz * sx, -sz * sy * sx - cz * cx],
+                   [0.0, cy * cx, -cy * sx]]
+    d[1, :, :3] = [[-cz * sy, cz * cy * sx, cz * cy * cx],
+                   [-sz * sy, sz * cy * sx, sz * cy * cx],
+                   [-cy, -sy * sx, -sy * cx]]
+    d[2, :, :3] = [[-sz * cy, -sz * sy * sx - cz * cx, -sz * sy * cx + cz * sx],
+                   [cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx],
+                   [0.0, 0.0, 0.0]]
+    d[:3, :, 3] = -(d[:3, :, :3] @ np.asarray(centre, dtype=np.float64))
+    d[3, 0, 3] = d[4, 1, 3] = d[5, 2, 3] = 1.0
     return d
 
 
@@ -184,6 +191,8 @@ class TransformModel:
     dmatrix : callable(p (P,), centre (3,)) -> (P, 3, 4)
     from_matrix : callable(m (4, 4), centre (3,)) -> (P,)
         Parameters of (the closest member of the family to) a matrix.
+    matrices : callable(ps (K, P), centre (3,)) -> (K, 4, 4), or None
+        ``matrix`` of many parameter vectors at once (None: one at a time).
     kinds : tuple of str
         Per parameter: 'rot' (radians), 'trans' (mm), 'lin' (dimensionless matrix entries or
         log-scale).
@@ -198,6 +207,7 @@ class TransformModel:
     from_matrix: Callable
     kinds: tuple
     stages: tuple = ()
+    matrices: Callable | None = None
 
     def scales(self, radius_mm: float) -> np.ndarray:
         """Per-parameter scale so one optimiser unit moves points about 1 mm at ``radius_mm``."""
@@ -209,7 +219,7 @@ MODELS = {
     "translation": TransformModel("translation", 3, _translation_matrix, _translation_dmatrix,
                                   _translation_from_matrix, ("trans",) * 3),
     "rigid": TransformModel("rigid", 6, _rigid_matrix, _rigid_dmatrix, _rigid_from_matrix,
-                            ("rot",) * 3 + ("trans",) * 3),
+                            ("rot",) * 3 + ("trans",) * 3, matrices=_rigid_matrices),
     "similarity": TransformModel("similarity", 7, _similarity_matrix, _similarity_dmatrix,
                                  _similarity_from_matrix, ("rot",) * 3 + ("trans",) * 3 + ("lin",),
                                  stages=("rigid",)),

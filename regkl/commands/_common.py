@@ -238,12 +238,25 @@ def load_prior(metric, prior, bins):
 
 
 def warm_kernels_in_background():
-    """Start loading the compiled kernels while the images are read (both release the GIL)."""
+    """Start importing Numba and loading the compiled kernels while the images are read.
+
+    The thread imports :mod:`regkl.kernels` itself, so Numba's import, its first-call set-up and
+    LLVM's loading of the cached kernels (which releases the GIL) overlap the reading. Call it
+    before importing the modules that need the kernels, and join it before using them. A failure
+    here is left to the main thread, which meets it again when it imports the kernels and reports
+    it in one line.
+    """
     import threading
 
-    from ..kernels import warm_up
+    def load():
+        try:
+            from ..kernels import REGISTRATION_KERNELS, warm_up
 
-    thread = threading.Thread(target=warm_up, name="regkl-warm-up", daemon=True)
+            warm_up(REGISTRATION_KERNELS)
+        except Exception:  # noqa: BLE001 - the main thread's own import raises it properly
+            pass
+
+    thread = threading.Thread(target=load, name="regkl-warm-up", daemon=True)
     thread.start()
     return thread
 

@@ -109,10 +109,8 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     FSL, AFNI or LTA) and/or regkl's RAS matrix (--matrix-out). Without --json, the 4x4 RAS
     fixed->moving matrix is printed on stdout.
     """
+    # only what the checks and the reading need: Numba and SciPy load while the images are read
     from ..io import load_volume
-    from ..writers import save_volume
-    from ..optimize import MAX_POINTS, register as run_register
-    from ..resample import resample
     from ..xfm import output_format, read_transform, save_transform, transform_text
 
     t0 = time.perf_counter()
@@ -155,6 +153,9 @@ def register(moving, fixed, output, transform_out, fmt, matrix_out, init_transfo
     fixed_mask_vol = None if fixed_mask is None else load_volume(fixed_mask, allow_constant=True)
     moving_mask_vol = None if moving_mask is None else load_volume(moving_mask, allow_constant=True)
     warm.join()
+    from ..optimize import MAX_POINTS, register as run_register
+    from ..resample import resample
+    from ..writers import save_volume
     from ..itk_placement import check_itk_placement
 
     if transform_fmt == "itk":
@@ -237,7 +238,8 @@ def summary(result, moving, fixed, output, transform_out, matrix_out, seconds) -
         "search": None if result.search is None else {
             "chosen": result.search.chosen, "poses_evaluated": result.search.evaluated,
             "start_metric": result.search.start_metric, "best_metric": result.search.best_metric,
-            "rotation_from_start_deg": result.search.rotation_deg, "seconds": round(result.search.seconds, 4)},
+            "rotation_from_start_deg": result.search.rotation_deg, "seconds": round(result.search.seconds, 4),
+            "local_evaluations": result.search.local_evaluations},
         "metric_before": result.metric_before, "metric_after": result.metric_after,
         "metric_decreased": result.metric_decreased,
         "parameters": {"values": params.tolist(), "centre_ras_mm": np.asarray(result.centre).tolist(), **named},
