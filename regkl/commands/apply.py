@@ -60,6 +60,8 @@ def apply_cmd(transform, moving, reference, output, interp, fill, inverse, fmt, 
     _check_overlap(volumes, ref, matrix, inverse, transform, moving, reference)
     dtype = np.dtype(np.float32 if interp != "nearest" else _stored_dtype(header, volumes[0].data.dtype))
     _check_fill_fits(fill, dtype, moving)
+    if interp == "nearest":
+        _check_exact_in_float32(moving, dtype)
     _check_room(volumes, ref, dtype, output)
     zooms_t = float(header.get_zooms()[3]) if header is not None and len(header.get_zooms()) > 3 else None
     resampled = resample_series(volumes, ref, matrix, interp=interp, inverse=inverse, fill=fill)
@@ -132,6 +134,35 @@ def _check_room(volumes, ref, dtype, output):
         if size > free:
             raise OutputError(f"the output needs {_gib(size)} GiB of disk space, only {_gib(free)} GiB is free "
                               "(write .nii.gz to compress it)", path=output)
+
+
+#: Stored types whose values float32 (regkl's working type) may not hold exactly.
+WIDE_TYPES = ("int32", "uint32", "int64", "uint64", "float64")
+
+
+def _check_exact_in_float32(moving, dtype):
+    """Refuse --interp nearest on a map whose stored values float32 cannot hold exactly (integers
+    beyond +-2**24, float64 detail): regkl resamples in float32, so they would come out changed
+    (e.g. label 1387860160 as 1387860224) although nearest promises the values."""
+    if np.dtype(dtype).name not in WIDE_TYPES:
+        return
+    import nibabel as nib
+
+    from ..errors import InputError
+
+    try:
+        raw = np.asanyarray(nib.load(str(moving)).dataobj)
+    except Exception:  # noqa: BLE001 - not a nibabel image: read through SimpleITK as float already
+        return
+    if raw.dtype.name not in WIDE_TYPES:
+        return
+    back = raw.astype(np.float32).astype(raw.dtype)
+    if not np.array_equal(back, raw, equal_nan=raw.dtype.kind == "f"):
+        bad = int(np.count_nonzero(back != raw))
+        raise InputError(f"--interp nearest keeps the values, but {bad} voxel(s) of this {raw.dtype.name} image hold "
+                         "values that regkl's 32-bit floats cannot carry exactly (integers beyond +-16,777,216 or "
+                         "float64 detail), so they would come out changed; renumber the labels below 16,777,216 "
+                         "(or store the map as int16/int32 with small values) and apply again", path=moving)
 
 
 def _stored_dtype(header, default):
