@@ -114,14 +114,20 @@ def run():
 
     Tearing down Numba/LLVM at exit takes about 0.25 s, longer than many registrations' I/O. By the
     time :func:`main` returns every output is closed and renamed into place, so the streams are
-    flushed and the process ends with ``os._exit`` and the same exit code. Unexpected exceptions
-    (``--debug``) still propagate with their traceback and a normal exit.
+    flushed and the process ends with ``os._exit`` and the same exit code. With ``--debug``,
+    regkl's own errors print their traceback and keep their exit code (2 for bad input);
+    unexpected exceptions still propagate with their traceback and a normal exit.
     """
     try:
         main()
         code = 0
     except SystemExit as exc:
         code = exc.code
+    except (RegklError, click.ClickException) as exc:  # --debug re-raised it for its traceback
+        import traceback
+
+        traceback.print_exc()
+        code = exc.exit_code  # the exit code the error has without --debug (2 for bad input)
     if code is None:
         code = 0
     elif not isinstance(code, int):

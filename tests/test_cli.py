@@ -70,9 +70,12 @@ def test_output_equal_to_input_is_refused(tmp_path, capsys, real_pair_paths):
 
 
 def test_debug_shows_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "regkl.cli", "register", str(tmp_path / "a.nii"),
-                           str(tmp_path / "b.nii"), "--debug"], capture_output=True, text=True)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    """--debug shows the traceback and keeps the exit code of the error (2: bad input), through the
+    console entry point (it exited 1, the code of a failed registration)."""
+    for entry in (["-m", "regkl.cli"], ["-c", "from regkl.cli import run; run()"]):
+        proc = subprocess.run([sys.executable, *entry, "register", str(tmp_path / "a.nii"),
+                               str(tmp_path / "b.nii"), "--debug"], capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" in proc.stderr, (entry, proc.returncode, proc.stderr[-300:])
 
 
 def test_json_summary_on_stdout_only(tmp_path, capsys, real_pair_paths):
