@@ -380,8 +380,9 @@ def _register(moving: Volume, fixed: Volume, *, model, metric, bins, sampling, l
             tl = time.perf_counter()
             tol = FINEST_STEP_TOL if level is lvls[-1] else STEP_TOL
             obj = objective(level, mdl, tol, order_at=mdl.matrix(params, centre))
-            start_value = obj.metric_at(params)[0]
+            # the starting pose is scored last: _lbfgs and L-BFGS-B's first evaluation reuse it
             initial = obj.metric_at(mdl.from_matrix(start, centre))[0]
+            start_value = obj.metric_at(params)[0]
             params, end_value, res = _lbfgs(obj, params, max_iter)
             out.append(LevelReport(mdl.name, level.spacing, len(level.samples.points), int(res.nit),
                                    obj.evaluations, float(start_value), end_value, _stop_reason(res, obj),
