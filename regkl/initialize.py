@@ -113,16 +113,17 @@ def _pose_distance(a, b, radius):
     return float(np.linalg.norm((a[:3] - b[:3]) * radius) + np.linalg.norm(a[3:6] - b[3:6]))
 
 
-def _distinct(candidates, min_mm, radius, limit=None):
+def _distinct(candidates, min_mm, radius, limit=None, pose=lambda c: c[1]):
     """Drop candidates within ``min_mm`` (rotation at ``radius`` + translation) of a better one.
 
-    ``candidates`` are (value, params) best first; at most ``limit`` are kept (all when None).
+    ``candidates`` are best first, by default (value, params) pairs; ``pose`` gives a candidate's
+    rigid parameters. At most ``limit`` are kept (all when None).
     """
     kept = []
-    for value, p in candidates:
-        if any(_pose_distance(p, q, radius) < min_mm for _, q in kept):
+    for c in candidates:
+        if any(_pose_distance(pose(c), pose(k), radius) < min_mm for k in kept):
             continue
-        kept.append((value, p))
+        kept.append(c)
         if limit is not None and len(kept) >= limit:
             break
     return kept
@@ -238,12 +239,8 @@ def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str 
     # overlap that outscored every other)
     begun = [start_params] + seeds
     probes = [refine(coarse, p, probe_iter) for p in begun]
-    going_on = []
-    for i in [0] + sorted(range(1, len(probes)), key=lambda i: -probes[i][1]):
-        if all(_pose_distance(probes[i][0], probes[j][0], radius_mm) >= BASIN_MM for j in going_on):
-            going_on.append(i)
-        if len(going_on) > full:
-            break
+    going_on = _distinct([0] + sorted(range(1, len(probes)), key=lambda i: -probes[i][1]), BASIN_MM, radius_mm,
+                         limit=full + 1, pose=lambda i: probes[i][0])
     refined = [refine(coarse, begun[i], 30) for i in going_on]
     start_coarse = refined[0][1]
     # only poses that beat the start at the coarsest level go on to the finer check
@@ -265,12 +262,8 @@ def global_search(coarse, finer, start_params: np.ndarray, refine, *, mode: str 
     # near-tied poses that the finer check refined into the winner's (or a kept one's) basin add nothing
     tied = sorted((i for i, (_, v) in enumerate(scored) if i != best and v >= best_value - TIE * abs(best_value)),
                   key=lambda i: -scored[i][1])
-    alternatives, basins = [], [scored[best][0]]
-    for i in tied:
-        if min(_pose_distance(scored[i][0], q, radius_mm) for q in basins) >= 2.0:
-            basins.append(scored[i][0])
-            alternatives.append(candidates[i][1])
-    alternatives = tuple(alternatives)
+    kept = _distinct([best] + tied, 2.0, radius_mm, pose=lambda i: scored[i][0])
+    alternatives = tuple(candidates[i][1] for i in kept[1:])
     model = get_model("rigid")
     rot = model.matrix(best_params, np.zeros(3))[:3, :3] @ model.matrix(start_params, np.zeros(3))[:3, :3].T
     angle = np.rad2deg(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1, 1)))
