@@ -50,7 +50,7 @@ def write_gzip_parallel(raw: bytes, path, *, level: int = 1, threads: int | None
 TRANSPOSE_TILE = 32
 
 
-def fortran_order(data: np.ndarray, threads: int | None = None) -> np.ndarray:
+def fortran_order(data: np.ndarray, pool=None) -> np.ndarray:
     """The same (I, J, K) array stored in Fortran order, as NIfTI keeps voxels on disk.
 
     NumPy's own conversion reads one of the two arrays with a stride of a whole (J, K) plane and
@@ -60,8 +60,8 @@ def fortran_order(data: np.ndarray, threads: int | None = None) -> np.ndarray:
     Parameters
     ----------
     data : ndarray (I, J, K)
-    threads : int, optional
-        Workers (default: the CPU count).
+    pool : concurrent.futures.Executor, optional
+        Thread pool to copy the tiles on (default: one for this call, a thread per CPU).
 
     Returns
     -------
@@ -77,8 +77,11 @@ def fortran_order(data: np.ndarray, threads: int | None = None) -> np.ndarray:
         out[:, :, i0:i0 + TRANSPOSE_TILE] = data[i0:i0 + TRANSPOSE_TILE].transpose(2, 1, 0)
 
     starts = range(0, data.shape[0], TRANSPOSE_TILE)
-    with ThreadPoolExecutor(max_workers=max(1, min(threads or os.cpu_count() or 1, len(starts)))) as pool:
+    if pool is not None:
         list(pool.map(tile, starts))
+        return out.T
+    with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, len(starts)))) as own:
+        list(own.map(tile, starts))
     return out.T
 
 
@@ -310,7 +313,7 @@ def series_writer(path, shape, vox2ras, *, like: Volume | None = None, protect=(
         nonlocal written
         if tuple(volume.shape) != shape[:3] or written >= n_volumes:
             raise OutputError(f"internal: volume {written} of shape {volume.shape} does not fit {shape}", path=dest)
-        sink.write(fortran_order(np.asarray(volume, dtype=hdr.get_data_dtype()), workers).tobytes(order="F"))
+        sink.write(fortran_order(np.asarray(volume, dtype=hdr.get_data_dtype()), pool).tobytes(order="F"))
         written += 1
 
     workers = os.cpu_count() or 1
