@@ -60,9 +60,9 @@ def apply_cmd(transform, moving, reference, output, interp, fill, inverse, fmt, 
     _check_overlap(volumes, ref, matrix, inverse, transform, moving, reference)
     dtype = np.dtype(np.float32 if interp != "nearest" else _stored_dtype(header, volumes[0].data.dtype))
     _check_fill_fits(fill, dtype, moving)
-    if interp == "nearest":
-        _check_exact_in_float32(moving, dtype)
     _check_room(volumes, ref, dtype, output)
+    if interp == "nearest":
+        _check_exact_in_float32(moving, dtype, volumes)
     zooms_t = float(header.get_zooms()[3]) if header is not None and len(header.get_zooms()) > 3 else None
     resampled = resample_series(volumes, ref, matrix, interp=interp, inverse=inverse, fill=fill)
     if len(volumes) == 1 and not output.lower().endswith((".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")):
@@ -140,11 +140,16 @@ def _check_room(volumes, ref, dtype, output):
 WIDE_TYPES = ("int32", "uint32", "int64", "uint64", "float64")
 
 
-def _check_exact_in_float32(moving, dtype):
+def _check_exact_in_float32(moving, dtype, volumes):
     """Refuse --interp nearest on a map whose stored values float32 cannot hold exactly (integers
     beyond +-2**24, float64 detail): regkl resamples in float32, so they would come out changed
-    (e.g. label 1387860160 as 1387860224) although nearest promises the values."""
+    (e.g. label 1387860160 as 1387860224) although nearest promises the values.
+
+    Integers whose float32 values (``volumes``, as read) all lie within +-2**24 were exact (rounding
+    keeps larger ones at 2**24 or beyond), so only then is the file not read a second time."""
     if np.dtype(dtype).name not in WIDE_TYPES:
+        return
+    if np.dtype(dtype).kind in "iu" and all(float(np.max(np.abs(v.data))) < 2.0 ** 24 for v in volumes):
         return
     import nibabel as nib
 
@@ -157,8 +162,11 @@ def _check_exact_in_float32(moving, dtype):
     if raw.dtype.name not in WIDE_TYPES:
         return
     back = raw.astype(np.float32).astype(raw.dtype)
-    if not np.array_equal(back, raw, equal_nan=raw.dtype.kind == "f"):
-        bad = int(np.count_nonzero(back != raw))
+    changed = back != raw
+    if raw.dtype.kind == "f":
+        changed &= ~np.isnan(raw)  # NaN stays NaN
+    if changed.any():
+        bad = int(np.count_nonzero(changed))
         raise InputError(f"--interp nearest keeps the values, but {bad} voxel(s) of this {raw.dtype.name} image hold "
                          "values that regkl's 32-bit floats cannot carry exactly (integers beyond +-16,777,216 or "
                          "float64 detail), so they would come out changed; renumber the labels below 16,777,216 "
