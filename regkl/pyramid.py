@@ -85,8 +85,9 @@ def downsample(volume: Volume, spacing_mm: float, *, serial: bool = False) -> Vo
     -------
     Volume
         On a grid with voxel sizes ``factor * spacing`` (``factor = floor(spacing_mm / voxel)``
-        per axis, to within :data:`BLOCK_FACTOR_TOL`, at least 1, at most ``shape // MIN_AXIS_VOXELS``); the voxel centre moves to the
-        block centre, so world positions stay exact. NaN where there is no data.
+        per axis, to within :data:`BLOCK_FACTOR_TOL`, at least 1, at most
+        ``shape // MIN_AXIS_VOXELS``); the voxel centre moves to the block centre, so world
+        positions stay exact. NaN where there is no data.
     """
     vox = volume.spacing
     shape = np.asarray(volume.shape)

@@ -36,20 +36,20 @@ def headers(tmp_path_factory):
     img = nib.Nifti1Image(data, a)
     nib.save(img, str(folder / "good.nii.gz"))
     out["good"] = folder / "good.nii.gz"
+
+    def over_plain_qform(name, sform, sform_code):  # the plain affine as qform, another sform
+        img = nib.Nifti1Image(data, None)
+        img.header.set_qform(a, code=1)
+        img.header.set_sform(sform, code=sform_code)
+        nib.save(img, str(folder / f"{name}.nii.gz"))
+        out[name] = folder / f"{name}.nii.gz"
+
     shifted = a.copy()
     shifted[0, 3] += 10.0
-    img = nib.Nifti1Image(data, None)
-    img.header.set_qform(a, code=1)
-    img.header.set_sform(shifted, code=2)
-    nib.save(img, str(folder / "disagree.nii.gz"))
-    out["disagree"] = folder / "disagree.nii.gz"
+    over_plain_qform("disagree", shifted, 2)
     sheared = a.copy()
     sheared[0, 1] += 0.3
-    img = nib.Nifti1Image(data, None)
-    img.header.set_qform(a, code=1)
-    img.header.set_sform(sheared, code=1)
-    nib.save(img, str(folder / "sheared.nii.gz"))
-    out["sheared"] = folder / "sheared.nii.gz"
+    over_plain_qform("sheared", sheared, 1)
     img = nib.Nifti1Image(data, a)
     img.header.set_qform(None, code=0)
     img.header.set_sform(a, code=1)
