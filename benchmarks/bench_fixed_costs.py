@@ -105,29 +105,26 @@ def main(argv=None):
         floor_cmd = [sys.executable, "-m", "regkl.cli", "register", moving, moving, "-o", str(out), "--transform-out",
                      str(tfm), "-q", "--levels", "1", "--search", "none", "--max-iter", "1"]
         floors = []
+
+        def timed(cmd, **kw):
+            """(seconds, completed process) of ``cmd`` run with no output files left from before."""
+            for f in (out, tfm):
+                f.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, **kw)
+            return time.perf_counter() - t0, proc
+
         for _ in range(args.repeats):
-            for f in (out, tfm):
-                f.unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            subprocess.run(plain, capture_output=True, check=True)
-            walls.append(time.perf_counter() - t0)
-            for f in (out, tfm):
-                f.unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            subprocess.run(floor_cmd, capture_output=True, check=True)
-            floors.append(time.perf_counter() - t0)
-            for f in (out, tfm):
-                f.unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", PROBE, *cmd_args], capture_output=True, text=True)
-            total = time.perf_counter() - t0
+            walls.append(timed(plain, check=True)[0])
+            floors.append(timed(floor_cmd, check=True)[0])
+            total, proc = timed([sys.executable, "-c", PROBE, *cmd_args], text=True)
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-2000:])
             probe = json.loads(proc.stderr.strip().splitlines()[-1])
             marks = probe["marks"]
             end = marks[-1][1]
             probed.append(total)
-            for label, sec in [("interpreter start (python to first line)", total - end - 0.0)] + stage_durations(marks):
+            for label, sec in [("interpreter start (python to first line)", total - end)] + stage_durations(marks):
                 stages.setdefault(label, []).append(sec)
     print(f"\n{'stage':<48} {'median s':>9} {'min s':>7}")
     rows = {}
